@@ -1,0 +1,337 @@
+"""Infrastructure shared by the scripts: config/CLI, device and DDP, datasets, checkpoints, image grids, plots.
+No paper maths lives here (that belongs in the concept scripts); every function is plain plumbing that
+ddpm.py, ddim.py, eval_fid.py, ... would otherwise each write again.
+"""
+import argparse, dataclasses, gzip, hashlib, inspect, os, pickle, re, sys, tarfile, tempfile, urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# Config: a dataclass whose fields become --flags; a field's trailing comment is its --help text
+
+
+def parse_config(cls, presets=None, argv=None):
+    """Build cls from the command line. presets(values) -> dict of overrides applied below explicit flags."""
+    helps = dict(re.findall(r'^\s+(\w+)\s*:[^#\n]*#\s*(.*)$', inspect.getsource(cls), re.M))
+    doc = sys.modules[cls.__module__].__doc__
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        names = dict.fromkeys(['--' + f.name.replace('_', '-'), '--' + f.name])  # --batch-size and --batch_size
+        p.add_argument(*names, dest=f.name, type=_parse_bool if f.type is bool else f.type, default=argparse.SUPPRESS,
+                       metavar=f.type.__name__.upper(), help=f'{helps.get(f.name, "")} (default: {f.default})')
+    given = vars(p.parse_args(argv))
+    values = {f.name: f.default for f in dataclasses.fields(cls)}
+    values.update(presets(dict(values, **given)) if presets else {})
+    values.update(given)
+    return cls(**values)
+
+
+def _parse_bool(s):
+    if s.lower() in ('1', 'true', 'yes', 'on'): return True
+    if s.lower() in ('0', 'false', 'no', 'off'): return False
+    raise argparse.ArgumentTypeError(f'expected 1/0 (or true/false), got {s!r}')
+
+
+def fail(msg):
+    """Stop with one clear error line instead of a traceback."""
+    raise SystemExit(f'error: {msg}')
+
+
+# -----------------------------------------------------------------------------
+# Device and DDP (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK)
+
+
+def resolve_device(device):
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    return device
+
+
+def setup(device='auto'):
+    """Return (device, rank, world_size); initialises the process group under torchrun."""
+    device = resolve_device(device)
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        fail(f'--device {device} asked for, but torch sees no CUDA GPU; use --device cpu')
+    if 'RANK' not in os.environ:
+        return device, 0, 1
+    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    if device.startswith('cuda'):
+        device = f'cuda:{local}'
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    return device, rank, world
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_gather(x):
+    """Concatenate a tensor's rank shards (same shape on every rank) along dim 0."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+# -----------------------------------------------------------------------------
+# Datasets: official archives, verified, decoded once into cached uint8 .npy files that later runs load directly
+
+MNIST_URLS = ['https://ossci-datasets.s3.amazonaws.com/mnist/', 'http://yann.lecun.com/exdb/mnist/']
+FASHION_URLS = ['http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/']
+DATASETS = {  # facts about the data, not hyperparameters
+    'mnist': dict(size=28, channels=1, classes=10, urls=MNIST_URLS, files={
+        'train-images-idx3-ubyte.gz': 'sha256:440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
+        'train-labels-idx1-ubyte.gz': 'sha256:3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c',
+        't10k-images-idx3-ubyte.gz': 'sha256:8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6',
+        't10k-labels-idx1-ubyte.gz': 'sha256:f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6'}),
+    'fashion-mnist': dict(size=28, channels=1, classes=10, urls=FASHION_URLS, files={
+        'train-images-idx3-ubyte.gz': 'sha256:3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84',
+        'train-labels-idx1-ubyte.gz': 'sha256:a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845',
+        't10k-images-idx3-ubyte.gz': 'sha256:346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073',
+        't10k-labels-idx1-ubyte.gz': 'sha256:67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5'}),
+    'cifar10': dict(size=32, channels=3, classes=10, urls=['https://www.cs.toronto.edu/~kriz/'], files={
+        'cifar-10-python.tar.gz': 'md5:c58f30108f718f92721af3b95e74349a'}),
+}
+
+
+class DataError(ValueError):
+    pass
+
+
+def data_dir(path=None):
+    return Path(path or os.environ.get('GENMODELS_DATA') or 'data')
+
+
+def cache_dir():
+    d = Path(os.environ.get('GENMODELS_CACHE') or 'data/cache')
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def verify(path, checksum):
+    """checksum is 'md5:<hex>' or 'sha256:<hex or hex prefix>'; raise DataError naming the file on a mismatch."""
+    algo, want = checksum.split(':')
+    h = hashlib.new(algo)
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    if not h.hexdigest().startswith(want):
+        raise DataError(f'{path}: {algo} is {h.hexdigest()}, expected {want}. The file is corrupt, truncated or not the '
+                        f'official one: delete it and let the script download it again, or replace it with the official file.')
+
+
+def download(url, dest, checksum):
+    """Download url to dest atomically (temp file + rename) and verify it; a failed download leaves nothing behind."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + '.', suffix='.part')
+    try:
+        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
+            while block := r.read(1 << 20):
+                f.write(block)
+        verify(tmp, checksum)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def archive(name, fname, root=None):
+    """Path of a verified official archive file: from the data folder if there, else downloaded into it."""
+    info, path = DATASETS[name], data_dir(root) / name / fname
+    if not path.exists() and (data_dir(root) / fname).exists():
+        path = data_dir(root) / fname  # a flat folder of the archive files is fine too
+    if not path.exists():
+        print0(f'{fname} not found under {data_dir(root)}; downloading it')
+        errors = []
+        for url in info['urls']:
+            try:
+                download(url + fname, path, info['files'][fname])
+                break
+            except (OSError, DataError) as e:
+                errors.append(f'{url + fname}: {e}')
+        else:
+            raise DataError(f'could not get {fname}: ' + '; '.join(errors) + f'. Put the official file at {path} or '
+                            f'point --data-dir (or $GENMODELS_DATA) at a folder that has it.')
+    verify(path, info['files'][fname])
+    return path
+
+
+def read_idx(path):
+    """MNIST idx format: magic (2 zero bytes, dtype, ndim), big-endian dims, then uint8 data."""
+    try:
+        with gzip.open(path) as f:
+            data = f.read()
+        ndim = data[3]
+        shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
+        return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f'{path}: cannot read this idx archive ({e}); delete it and download it again') from e
+
+
+def read_cifar10(path):
+    """The official python tarball: 5 pickled training batches + test_batch, rows of 1024 R, 1024 G, 1024 B."""
+    out = {'train': ([], []), 'test': ([], [])}
+    try:
+        with tarfile.open(path) as tar:
+            for m in sorted(tar.getmembers(), key=lambda m: m.name):
+                split = 'train' if '/data_batch_' in m.name else 'test' if m.name.endswith('/test_batch') else None
+                if split:
+                    d = pickle.load(tar.extractfile(m), encoding='bytes')
+                    out[split][0].append(np.asarray(d[b'data'], np.uint8).reshape(-1, 3, 32, 32))
+                    out[split][1].append(np.asarray(d[b'labels'], np.int64))
+    except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, KeyError) as e:
+        raise DataError(f'{path}: cannot read this CIFAR-10 archive ({e}); delete it and download it again') from e
+    if not out['train'][0] or not out['test'][0]:
+        raise DataError(f'{path}: no data_batch_*/test_batch inside; is this cifar-10-python.tar.gz?')
+    return {k: (np.concatenate(x), np.concatenate(y)) for k, (x, y) in out.items()}
+
+
+def load_dataset(name, split='train', root=None, image_size=None):
+    """(x uint8 (N, C, H, W), y int64 (N,) or None) for a dataset name or a folder of images."""
+    if name not in DATASETS:
+        if os.sep in name or os.path.exists(name):
+            return load_image_folder(name, image_size), None
+        raise DataError(f'unknown dataset {name!r}: use one of {", ".join(DATASETS)} or the path of an image folder')
+    if split not in ('train', 'test'):
+        raise DataError(f'unknown split {split!r} for {name}: use train or test')
+    fx, fy = cache_dir() / f'{name}-{split}-x.npy', cache_dir() / f'{name}-{split}-y.npy'
+    if not (fx.exists() and fy.exists()):
+        if name == 'cifar10':
+            arrays = read_cifar10(archive(name, 'cifar-10-python.tar.gz', root))
+        else:
+            arrays = {s: (read_idx(archive(name, f'{p}-images-idx3-ubyte.gz', root))[:, None],
+                          read_idx(archive(name, f'{p}-labels-idx1-ubyte.gz', root)).astype(np.int64))
+                      for s, p in (('train', 'train'), ('test', 't10k'))}
+        for s, (x, y) in arrays.items():
+            for f, a in ((cache_dir() / f'{name}-{s}-x.npy', x), (cache_dir() / f'{name}-{s}-y.npy', y)):
+                with open(f.with_suffix('.tmp'), 'wb') as fh:
+                    np.save(fh, a)
+                os.replace(f.with_suffix('.tmp'), f)
+    return torch.from_numpy(np.load(fx)), torch.from_numpy(np.load(fy))
+
+
+def load_image_folder(folder, image_size):
+    """Every png/jpg below folder, as RGB, shorter side resized to image_size and centre-cropped."""
+    if not os.path.isdir(folder):
+        raise DataError(f'{folder}: no such folder (give a dataset name: {", ".join(DATASETS)}, or a folder of images)')
+    if not image_size:
+        raise DataError(f'{folder}: a folder of images needs --image-size (e.g. 32 or 64)')
+    files = sorted(p for p in Path(folder).rglob('*') if p.suffix.lower() in ('.png', '.jpg', '.jpeg'))
+    if not files:
+        raise DataError(f'{folder}: no .png/.jpg images found (searched recursively)')
+    from tqdm import tqdm
+    x = np.empty((len(files), 3, image_size, image_size), np.uint8)
+    for i, f in enumerate(tqdm(files, desc=f'reading {folder}', disable=len(files) < 1000)):
+        try:
+            im = Image.open(f).convert('RGB')
+        except OSError as e:
+            raise DataError(f'{f}: cannot read this image ({e}); delete or replace it') from e
+        s = image_size / min(im.size)
+        im = im.resize((max(image_size, round(im.width * s)), max(image_size, round(im.height * s))), Image.BICUBIC)
+        left, top = (im.width - image_size) // 2, (im.height - image_size) // 2
+        x[i] = np.asarray(im.crop((left, top, left + image_size, top + image_size))).transpose(2, 0, 1)
+    return torch.from_numpy(x)
+
+
+def random_batch(x, y, batch_size, flip):
+    """Draw a batch on x's device (uint8 (N, C, H, W)) scaled to [-1, 1], with random horizontal flips."""
+    idx = torch.randint(len(x), (batch_size,), device=x.device)
+    xb = x[idx].float() / 127.5 - 1
+    if flip:
+        xb = torch.where(torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5, xb.flip(3), xb)
+    return xb, (y[idx] if y is not None else None)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one file per run, written atomically, loaded without unpickling code
+
+
+def save_ckpt(path, state):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # a run killed mid-save leaves the previous checkpoint intact
+
+
+def load_ckpt(path, script):
+    if not os.path.exists(path):
+        fail(f'no checkpoint at {path}: train first, or point --out at the run folder that has ckpt.pt')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        fail(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})')
+    if not isinstance(ckpt, dict) or ckpt.get('script') != script:
+        fail(f'{path} was not written by {script} (script: {ckpt.get("script") if isinstance(ckpt, dict) else None})')
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Images and plots (PIL only, so plotting needs no extra dependency)
+
+
+def to_uint8(x):
+    """[-1, 1] float (N, C, H, W) -> uint8."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def grid_image(x, nrow=None, pad=2):
+    """uint8 (N, C, H, W) -> PIL image of an nrow-wide grid."""
+    x = x.cpu()
+    n, c, h, w = x.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = -(-n // nrow)
+    g = torch.full((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        g[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = x[i]
+    return Image.fromarray(g[0].numpy() if c == 1 else g.permute(1, 2, 0).numpy())
+
+
+def save_grid(x, path, nrow=None):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid_image(x, nrow).save(path)
+
+
+def plot(series, title='', logy=False, size=(360, 260)):
+    """A minimal line plot: series is {label: (xs, ys)}; returns a PIL image."""
+    colors = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b']
+    im = Image.new('RGB', size, 'white')
+    d = ImageDraw.Draw(im)
+    ml, mr, mt, mb = 48, 10, 22, 22
+    ys_all = np.concatenate([np.log10(np.clip(np.asarray(y, float), 1e-12, None)) if logy else np.asarray(y, float)
+                             for _, y in series.values()])
+    xs_all = np.concatenate([np.asarray(x, float) for x, _ in series.values()])
+    (x0, x1), (y0, y1) = (xs_all.min(), xs_all.max()), (ys_all.min(), ys_all.max())
+    y1 = y1 if y1 > y0 else y0 + 1
+    px = lambda x: ml + (x - x0) / max(x1 - x0, 1e-12) * (size[0] - ml - mr)
+    py = lambda y: size[1] - mb - (y - y0) / (y1 - y0) * (size[1] - mt - mb)
+    d.rectangle([ml, mt, size[0] - mr, size[1] - mb], outline='black')
+    for v in (y0, (y0 + y1) / 2, y1):
+        d.text((2, py(v) - 5), f'1e{v:.0f}' if logy else f'{v:.3g}', fill='black')
+    d.text((ml, size[1] - mb + 4), f'{x0:.3g}', fill='black')
+    d.text((size[0] - mr - 30, size[1] - mb + 4), f'{x1:.3g}', fill='black')
+    d.text((ml, 4), title, fill='black')
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        ys = np.log10(np.clip(np.asarray(ys, float), 1e-12, None)) if logy else np.asarray(ys, float)
+        d.line([(px(a), py(b)) for a, b in zip(np.asarray(xs, float), ys)], fill=colors[i % 6], width=2)
+        d.text((size[0] - mr - 90, mt + 4 + 12 * i), label, fill=colors[i % 6])
+    return im
+
+
+def hstack(images):
+    out = Image.new('RGB', (sum(i.width for i in images), max(i.height for i in images)), 'white')
+    for k, im in enumerate(images):
+        out.paste(im, (sum(i.width for i in images[:k]), 0))
+    return out

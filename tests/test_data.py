@@ -1,0 +1,132 @@
+"""Data layer: official archives (real bytes from ../shared/data), the CIFAR-10 parser, image folders, bad input."""
+import hashlib, io, os, pickle, shutil, tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+
+DATA = common.data_dir()
+
+
+def test_mnist_from_official_archives():
+    x, y = common.load_dataset('mnist', 'train')
+    assert x.shape == (60000, 1, 28, 28) and x.dtype == torch.uint8
+    assert y.shape == (60000,) and set(y.unique().tolist()) == set(range(10))
+    assert y[:5].tolist() == [5, 0, 4, 1, 9]  # the well-known first MNIST labels
+    xt, _ = common.load_dataset('mnist', 'test')
+    assert xt.shape == (10000, 1, 28, 28)
+    x2, _ = common.load_dataset('mnist', 'train')  # second call: from the decoded cache
+    assert torch.equal(x, x2) and (common.cache_dir() / 'mnist-train-x.npy').exists()
+
+
+def cifar_fixture(folder):
+    """The 5,438-image CIFAR-10 subset written in the official cifar-10-python.tar.gz layout (NOT CIFAR-10)."""
+    d = np.load(DATA / 'cifar10-subset' / 'cifar10_prefix_subset.npz')
+    path = folder / 'cifar-10-python.tar.gz'
+    with tarfile.open(path, 'w:gz') as tar:
+        def add(name, obj):
+            b = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+            info.size = len(b)
+            tar.addfile(info, io.BytesIO(b))
+        for k in range(1, 6):
+            sel = d['src_train'][:, 0] == k
+            add(f'data_batch_{k}', {b'batch_label': f'training batch {k} of 5'.encode(), b'data': d['x_train'][sel],
+                                    b'labels': d['y_train'][sel].tolist(), b'filenames': [b'x.png'] * int(sel.sum())})
+        add('test_batch', {b'batch_label': b'testing batch 1 of 1', b'data': d['x_test'], b'labels': d['y_test'].tolist(),
+                           b'filenames': [b'x.png'] * len(d['y_test'])})
+        tar.add(DATA / 'cifar10-subset' / 'batches.meta', 'cifar-10-batches-py/batches.meta')
+    return path, d
+
+
+def test_cifar10_parser_on_official_layout(tmp_path):
+    path, d = cifar_fixture(tmp_path)
+    arrays = common.read_cifar10(path)
+    x, y = arrays['train']
+    assert x.shape == (5438, 3, 32, 32) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x.reshape(5438, -1), d['x_train'])  # channel planes R, G, B in row-major order
+    np.testing.assert_array_equal(y, d['y_train'])
+    assert arrays['test'][0].shape == (1017, 3, 32, 32)
+    # official first training image is a frog (label 6) whose top-left pixel is (59, 62, 63)
+    assert y[0] == 6 and x[0, :, 0, 0].tolist() == [59, 62, 63]
+
+
+def test_cifar10_subset_fixture_is_refused_as_cifar10(tmp_path):
+    cifar_fixture(tmp_path)
+    with pytest.raises(common.DataError, match='cifar-10-python.tar.gz: md5 is .* expected c58f3010'):
+        common.load_dataset('cifar10', root=tmp_path)
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate'])
+def test_corrupt_archive_raises_checksum_error(tmp_path, damage):
+    (tmp_path / 'mnist').mkdir()
+    for f in os.listdir(DATA / 'mnist'):
+        shutil.copy(DATA / 'mnist' / f, tmp_path / 'mnist' / f)
+    bad = tmp_path / 'mnist' / 't10k-labels-idx1-ubyte.gz'
+    b = bytearray(bad.read_bytes())
+    if damage == 'flip':
+        b[100] ^= 0xFF
+    else:
+        b = b[:1000]
+    bad.write_bytes(bytes(b))
+    os.environ['GENMODELS_CACHE'], cache = str(tmp_path / 'cache'), os.environ['GENMODELS_CACHE']
+    try:
+        with pytest.raises(common.DataError, match='t10k-labels-idx1-ubyte.gz: sha256 is .* expected f7ae60f9'):
+            common.load_dataset('mnist', 'test', root=tmp_path)
+    finally:
+        os.environ['GENMODELS_CACHE'] = cache
+
+
+def test_truncated_idx_is_a_clear_error(tmp_path):
+    path = tmp_path / 'x.gz'
+    path.write_bytes((DATA / 'mnist' / 't10k-images-idx3-ubyte.gz').read_bytes()[:5000])
+    with pytest.raises(common.DataError, match='x.gz: cannot read this idx archive'):
+        common.read_idx(path)
+
+
+def test_failed_download_leaves_no_partial_file(tmp_path):
+    src = tmp_path / 'src.bin'
+    src.write_bytes(b'not the archive')
+    dest = tmp_path / 'dl' / 'train-images-idx3-ubyte.gz'
+    with pytest.raises(common.DataError, match='sha256'):
+        common.download(src.as_uri(), dest, 'sha256:' + '0' * 64)
+    assert list((tmp_path / 'dl').iterdir()) == []
+    common.download(src.as_uri(), dest, 'md5:' + hashlib.md5(b'not the archive').hexdigest())
+    assert dest.read_bytes() == b'not the archive'
+
+
+def test_unknown_dataset_and_bad_folders(tmp_path):
+    with pytest.raises(common.DataError, match="unknown dataset 'cifar100': use one of mnist, fashion-mnist, cifar10"):
+        common.load_dataset('cifar100')
+    with pytest.raises(common.DataError, match='no such folder'):
+        common.load_dataset(str(tmp_path / 'missing') + '/', image_size=32)
+    with pytest.raises(common.DataError, match='no .png/.jpg images found'):
+        common.load_dataset(str(tmp_path), image_size=32)
+    (tmp_path / 'broken.png').write_bytes(b'\x89PNG broken')
+    with pytest.raises(common.DataError, match='broken.png: cannot read this image'):
+        common.load_dataset(str(tmp_path), image_size=32)
+
+
+def test_image_folder_is_resized_and_centre_cropped(tmp_path):
+    (tmp_path / 'sub').mkdir()
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, 20:60] = 255  # a white centre square, black side bars that the crop removes
+    Image.fromarray(wide).save(tmp_path / 'a.png')
+    Image.fromarray(np.full((50, 50), 128, np.uint8)).convert('L').save(tmp_path / 'sub' / 'b.jpg')  # grayscale
+    x, y = common.load_dataset(str(tmp_path), image_size=16)
+    assert x.shape == (2, 3, 16, 16) and y is None
+    assert x[0].float().mean() > 250  # centre crop of the wide image is all white
+    assert abs(x[1].float().mean() - 128) < 2
+
+
+def test_random_batch_range_and_flips():
+    x = torch.arange(4 * 4, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1) * 10
+    torch.manual_seed(0)
+    xb, _ = common.random_batch(x, None, 64, flip=True)
+    ref = x[0].float() / 127.5 - 1
+    flipped = [torch.equal(b, ref.flip(2)) for b in xb]
+    assert all(f or torch.equal(b, ref) for f, b in zip(flipped, xb)) and 10 < sum(flipped) < 54
+    assert xb.min() >= -1 and xb.max() <= 1
