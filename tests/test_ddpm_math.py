@@ -1,0 +1,93 @@
+"""DDPM maths: forward process, posterior, parameterisations, schedules, guidance. No training."""
+import pytest
+import torch
+
+import ddpm
+
+SCHEDULES = ['linear', 'cosine', 'sigmoid']
+
+
+@pytest.mark.parametrize('schedule', SCHEDULES)
+def test_closed_form_forward_matches_markov_chain(schedule):
+    # iterate x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps and compare the empirical moments at a few t with
+    # eq. (4): mean sqrt(ab_t) x0, variance 1 - ab_t. Tolerance: 5 standard errors, i.e. 5 sqrt(var / N) for the
+    # mean and 5 var sqrt(2 / N) for the variance (Gaussian), so a correct implementation fails ~1e-6 of the time.
+    T, N = 1000, 40_000
+    beta, ab = ddpm.make_beta(schedule, T), ddpm.make_alpha_bar(schedule, T)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.tensor([-1.0, -0.3, 0.5, 1.0], dtype=torch.float64)
+    x = x0.expand(N, 4).clone()
+    for t in range(T):
+        x = (1 - beta[t]).sqrt() * x + beta[t].sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        if t in (9, 99, 499, 999):
+            mean, var = ab[t].sqrt() * x0, 1 - ab[t]
+            assert (x.mean(0) - mean).abs().max() < 5 * (var / N).sqrt(), t
+            assert (x.var(0) - var).abs().max() < 5 * var * (2 / N) ** 0.5, t
+
+
+@pytest.mark.parametrize('schedule', SCHEDULES)
+def test_posterior_is_bayes_rule(schedule):
+    # q(x_{t-1} | x_t, x0) ∝ N(x_t; sqrt(a_t) x_{t-1}, b_t) N(x_{t-1}; sqrt(ab_{t-1}) x0, 1 - ab_{t-1}):
+    # precision = a_t / b_t + 1 / (1 - ab_{t-1}), mean = var (sqrt(a_t) x_t / b_t + sqrt(ab_{t-1}) x0 / (1 - ab_{t-1}))
+    ab = ddpm.make_alpha_bar(schedule, 1000)
+    x0, xt = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
+    for t in (1, 10, 500, 999):
+        a_t = ab[t] / ab[t - 1]
+        b_t = 1 - a_t
+        var = 1 / (a_t / b_t + 1 / (1 - ab[t - 1]))
+        mean = var * (a_t.sqrt() * xt / b_t + ab[t - 1].sqrt() * x0 / (1 - ab[t - 1]))
+        got_mean, got_var = ddpm.q_posterior(x0, xt, ab[t].item(), ab[t - 1].item())
+        torch.testing.assert_close(got_mean, mean, rtol=1e-10, atol=1e-10)
+        assert abs(got_var - var.item()) < 1e-12 * max(1, var.item())
+
+
+def test_parameterisations_round_trip():
+    ab = ddpm.make_alpha_bar('cosine', 1000)[torch.tensor([0, 10, 500, 990])].view(4, 1, 1, 1)
+    x0, eps = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    xt = ddpm.q_sample(x0, ab, eps)
+    v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    for objective, out in (('eps', eps), ('x0', x0), ('v', v)):
+        torch.testing.assert_close(ddpm.predict_x0(xt, out, ab, objective), x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ddpm.predict_eps(xt, x0, ab), eps, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('schedule', SCHEDULES)
+def test_alpha_bar_strictly_decreasing_in_unit_interval(schedule):
+    ab = ddpm.make_alpha_bar(schedule, 1000)
+    assert ab.dtype == torch.float64
+    assert (ab > 0).all() and (ab < 1).all()
+    assert (ab[1:] < ab[:-1]).all()
+
+
+def test_linear_schedule_is_the_papers():
+    beta = ddpm.make_beta('linear', 1000)
+    assert beta[0].item() == pytest.approx(1e-4) and beta[-1].item() == pytest.approx(0.02)
+
+
+def test_ddpm_step_is_posterior_mean_plus_noise():
+    ab = ddpm.make_alpha_bar('linear', 1000)
+    x, eps, z = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = 400
+    x0 = ddpm.predict_x0(x.double(), eps.double(), ab[t], 'eps')
+    mean, var = ddpm.q_posterior(x0, x.double(), ab[t].item(), ab[t - 1].item())
+    got = ddpm.ddpm_step(x, eps, z, ab[t].item(), ab[t - 1].item(), var ** 0.5, 'eps', clip=False)
+    torch.testing.assert_close(got.double(), mean + var ** 0.5 * z.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_weights():
+    torch.manual_seed(0)
+    model = ddpm.UNet(1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0, resolution=8, num_classes=10)
+    with torch.no_grad():  # the paper's zero init makes the output 0; perturb so conditional != unconditional
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([3, 50, 500, 999]), torch.tensor([7, 7, 1, 2])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
+        assert (cond - uncond).abs().max() > 1e-3
+        torch.testing.assert_close(ddpm.guided(model, x, t, y, 1.0), cond)
+        torch.testing.assert_close(ddpm.guided(model, x, t, y, 0.0), uncond)
+        torch.testing.assert_close(ddpm.guided(model, x, t, y, 3.0), uncond + 3 * (cond - uncond), rtol=1e-4, atol=1e-5)
+
+
+def test_unet_matches_paper_size():
+    assert sum(p.numel() for p in ddpm.UNet().parameters()) == 35_746_307  # Ho et al. CIFAR-10: 35.7M

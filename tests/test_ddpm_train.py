@@ -1,0 +1,129 @@
+"""ddpm.py end to end on CPU with a tiny U-Net: train, sample, resume exactly, survive a kill, DDP, figures."""
+import dataclasses, os, signal, socket, subprocess, sys, time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import common
+import ddpm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--dataset', 'mnist', '--device', 'cpu', '--ch', '8', '--ch-mult', '1,2', '--num-res-blocks', '1',
+        '--attn-res', '14', '--T', '20', '--batch-size', '8', '--log-every', '1', '--sample-every', '0']
+
+
+def run(tmp_path, *args):
+    return ddpm.main(TINY + ['--out', str(tmp_path)] + list(args))
+
+
+def test_train_then_sample_writes_grid_checkpoint_and_npz(tmp_path):
+    run(tmp_path, '--steps', '3')
+    assert (tmp_path / 'ckpt.pt').exists() and (tmp_path / 'config.json').exists()
+    grid = Image.open(tmp_path / 'samples_0000003.png')
+    assert grid.size == (8 * 30 + 2, 8 * 30 + 2)  # 64 samples of 28x28, 2-pixel padding
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 3 and ckpt['config']['ch'] == 8
+    run(tmp_path, '--mode', 'sample', '--n-samples', '5', '--sample-batch', '2')
+    x = np.load(tmp_path / 'samples.npz')['arr_0']
+    assert x.shape == (5, 28, 28, 1) and x.dtype == np.uint8 and x.std() > 0
+    assert len(list((tmp_path / 'samples').glob('*.png'))) == 5
+    assert Image.open(tmp_path / 'reverse.png').size == (5 * 30 + 2, 8 * 30 + 2)  # 8 rows x 5 snapshots
+
+
+def test_resume_is_bit_identical(tmp_path):
+    model_a, loss_a = run(tmp_path / 'a', '--steps', '4', '--dropout', '0.1')
+    run(tmp_path / 'b', '--steps', '3', '--dropout', '0.1')  # "interrupted" after step 3
+    model_b, loss_b = run(tmp_path / 'b', '--steps', '4', '--dropout', '0.1', '--resume', '1')
+    assert loss_a == loss_b  # the next-step loss, bit for bit
+    a, b = (torch.load(p / 'ckpt.pt', weights_only=True) for p in (tmp_path / 'a', tmp_path / 'b'))
+    for key in ('model', 'ema'):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert a['opt']['state'][0]['exp_avg_sq'].equal(b['opt']['state'][0]['exp_avg_sq'])
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    run(tmp_path, '--steps', '1')
+    with pytest.raises(SystemExit, match='different ch'):
+        run(tmp_path, '--steps', '2', '--ch', '16', '--resume', '1')
+    with pytest.raises(SystemExit, match='--resume 1 to continue'):
+        run(tmp_path, '--steps', '2')
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(ROOT, 'ddpm.py')] + TINY + ['--out', str(tmp_path), '--steps', '100000',
+                                                                    '--ckpt-every', '100000']
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / 'log.txt').exists() or 'step 3 ' not in (tmp_path / 'log.txt').read_text():
+        assert p.poll() is None and time.time() < deadline, p.stdout.read()
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 130
+    step = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step']
+    assert step >= 3
+    run(tmp_path, '--steps', str(step + 1), '--resume', '1')
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == step + 1
+
+
+def _ddp_worker(rank, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = common.parse_config(ddpm.Config, ddpm.presets, TINY + ['--out', out, '--steps', '3', '--dropout', '0.1'])
+    model, _ = ddpm.train(cfg)
+    torch.save(model.state_dict(), os.path.join(out, f'rank{rank}.pt'))
+    x = ddpm.sample_many(model.eval(), 5, (1, 28, 28), dataclasses.replace(cfg, sample_batch=2), rank, 2)
+    if rank == 0:  # 3 batches of 2, 2, 1 images, sampled by ranks 0, 1, 0 and gathered back in order
+        torch.save(x, os.path.join(out, 'samples.pt'))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_keep_replicas_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    init = ddpm.make_model(common.parse_config(ddpm.Config, ddpm.presets, TINY), 1, 28).state_dict()
+    assert any(not torch.equal(r0[k], init[k]) for k in r0)  # it trained ...
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k  # ... and the ranks, fed different batches, agree exactly
+    model = ddpm.make_model(common.parse_config(ddpm.Config, ddpm.presets, TINY), 1, 28)
+    model.load_state_dict(r0)
+    cfg = common.parse_config(ddpm.Config, ddpm.presets, TINY + ['--sample-batch', '2'])
+    assert torch.equal(torch.load(tmp_path / 'samples.pt'), ddpm.sample_many(model.eval(), 5, (1, 28, 28), cfg))
+
+
+def test_class_conditional_training_and_guided_sampling(tmp_path):
+    run(tmp_path, '--steps', '2', '--class-cond', '1')
+    run(tmp_path, '--mode', 'sample', '--n-samples', '4', '--label', '7', '--guidance', '3', '--save', 'npz')
+    assert np.load(tmp_path / 'samples.npz')['arr_0'].shape == (4, 28, 28, 1)
+
+
+def test_figures(tmp_path, capsys):
+    run(tmp_path, '--mode', 'schedules', '--T', '1000')
+    text = capsys.readouterr().out
+    assert 'linear   SNR(t) = 1 at t = ' in text
+    rows = (tmp_path / 'schedules.csv').read_text().splitlines()
+    assert len(rows) == 1001 and rows[0].startswith('t,beta_linear,alpha_bar_linear,snr_linear')
+    run(tmp_path, '--mode', 'forward', '--T', '1000')
+    lines = (tmp_path / 'forward.csv').read_text().splitlines()
+    mse = [float(r.split(',')[2]) for r in lines[1:]]
+    assert [int(r.split(',')[0]) for r in lines[1:]] == [0, 100, 250, 500, 750, 999]
+    assert mse[0] == 0 and all(a < b for a, b in zip(mse, mse[1:]))  # x_t drifts away from x_0 as t grows
+    assert Image.open(tmp_path / 'forward.png').size == (6 * 30 + 2, 8 * 30 + 2)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--schedule', 'quadratic'], 'is not one of: linear, cosine, sigmoid'),
+    (['--dataset', 'imagenet'], "unknown dataset 'imagenet'"),
+    (['--ch-mult', '1,2,2,2,2'], 'cannot be halved'),
+    (['--mode', 'sample'], 'no checkpoint at'),
+])
+def test_bad_input_is_one_clear_error(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        run(tmp_path, '--steps', '1', *args)
