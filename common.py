@@ -71,15 +71,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def all_gather(x):
-    """Concatenate a tensor's rank shards (same shape on every rank) along dim 0."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 # -----------------------------------------------------------------------------
 # Datasets: official archives, verified, decoded once into cached uint8 .npy files that later runs load directly
 
