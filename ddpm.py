@@ -351,15 +351,16 @@ def sample_labels(cfg, n, device):
     return torch.arange(n, device=device) % NUM_CLASSES
 
 
-def sample_many(model, n, shape, cfg, rank=0, world=1, desc='sampling'):
-    """n samples as uint8 on rank 0 (None elsewhere); batch i uses seed (seed, i), so results do not depend on world."""
+def sample_many(model, n, shape, cfg, rank=0, world=1, desc='sampling', sampler=None):
+    """n samples as uint8 on rank 0 (None elsewhere); batch i uses seed (seed, i), so results do not depend on world.
+    sampler(model, n, shape, cfg, y, generator) defaults to Algorithm 2; ddim.py passes its own."""
     batches = [(i, min(cfg.sample_batch, n - i)) for i in range(0, n, cfg.sample_batch)]
     device = next(model.parameters()).device
     mine = []
     for k, (start, size) in enumerate(tqdm(batches[rank::world], desc=desc, disable=rank != 0)):
         g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + start)
         y = sample_labels(cfg, start + size, device)[start:] if cfg.class_cond else None
-        mine.append(common.to_uint8(sample(model, size, shape, cfg, y, g)))
+        mine.append(common.to_uint8((sampler or sample)(model, size, shape, cfg, y, g)))
     if world > 1:  # collect every rank's batches on rank 0, back in batch order
         parts = [None] * world
         torch.distributed.all_gather_object(parts, [b.cpu() for b in mine])
