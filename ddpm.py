@@ -557,8 +557,9 @@ def forward_figures(cfg):
     common.save_grid(common.to_uint8(torch.stack([xt[:8].clamp(-1, 1) for xt in xts], 1).flatten(0, 1)),
                      out / 'forward.png', nrow=len(ts))
     edges = np.linspace(-4, 4, 81)
-    hist = {f't={t}': (edges[:-1] + 0.05, np.histogram(xt.numpy(), edges, density=True)[0]) for t, xt in zip(ts, xts)}
-    common.plot(hist, f'pixel density of x_t ({cfg.schedule})', size=(480, 300)).save(out / 'forward_hist.png')
+    hists = [common.plot({'': (edges[:-1] + 0.05, np.histogram(xt.numpy(), edges, density=True)[0])},
+                         f'pixels of x_t, t={t}', size=(220, 170)) for t, xt in zip(ts, xts)]
+    common.hstack(hists).save(out / 'forward_hist.png')
     with open(out / 'forward.csv', 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['t', 'alpha_bar', 'mse_to_x0', 'mean', 'std'])
@@ -573,21 +574,21 @@ def schedule_figures(cfg):
     """Exercise: beta_t, alpha_bar_t and SNR(t) = alpha_bar / (1 - alpha_bar) for the three schedules."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    names, t = ('linear', 'cosine', 'sigmoid'), np.arange(cfg.T)
+    names, t = ('linear', 'cosine', 'sigmoid'), np.arange(1, cfg.T + 1)  # the paper's t = 1..T
     beta = {n: make_beta(n, cfg.T).numpy() for n in names}
     ab = {n: make_alpha_bar(n, cfg.T).numpy() for n in names}
     snr = {n: ab[n] / (1 - ab[n]) for n in names}
     with open(out / 'schedules.csv', 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['t'] + [f'{q}_{n}' for n in names for q in ('beta', 'alpha_bar', 'snr')])
-        for i in t:
-            w.writerow([i] + [f'{v[n][i]:.6g}' for n in names for v in (beta, ab, snr)])
+        for i in range(cfg.T):
+            w.writerow([t[i]] + [f'{v[n][i]:.6g}' for n in names for v in (beta, ab, snr)])
     panels = [common.plot({n: (t, beta[n]) for n in names}, 'beta_t'),
               common.plot({n: (t, ab[n]) for n in names}, 'alpha_bar_t'),
               common.plot({n: (t, snr[n]) for n in names}, 'SNR(t) (log10)', logy=True)]
     common.hstack(panels).save(out / 'schedules.png')
     for n in names:
-        print(f'{n:8s} SNR(t) = 1 at t = {int(np.argmax(snr[n] < 1))} | alpha_bar_T = {ab[n][-1]:.2e}')
+        print(f'{n:8s} SNR(t) = 1 at t = {t[np.argmax(snr[n] < 1)]} | alpha_bar_T = {ab[n][-1]:.2e}')
     print(f'wrote {out}/schedules.csv and {out}/schedules.png')
 
 
