@@ -80,7 +80,7 @@ PRESETS = {  # applied below explicit flags; keyed by dataset, then 'cpu' on top
     'cifar10': {},
     'mnist': dict(ch=64, ch_mult='1,2,2', attn_res='14', ema=0.999, flip=False, steps=20000, warmup=1000),
     'cpu': dict(ch=32, ch_mult='1,2,2', num_res_blocks=1, attn_res='', dropout=0.0, batch_size=64, lr=1e-3, warmup=100,
-                ema=0.995, steps=2000, log_every=50, sample_every=0, ckpt_every=500, compile=False),
+                ema=0.995, steps=1500, log_every=50, sample_every=0, ckpt_every=500, compile=False),
 }
 PRESETS['fashion-mnist'] = PRESETS['mnist']
 MODEL_KEYS = ('dataset', 'image_size', 'ch', 'ch_mult', 'num_res_blocks', 'attn_res', 'class_cond', 'T', 'schedule',
@@ -400,8 +400,10 @@ def fid(model, cfg, shape, rank, world, device):
     x = sample_many(model, cfg.fid_samples, shape, cfg, rank, world, desc='FID samples')
     if rank != 0:
         return None
-    mu, sigma = eval_fid.compute_stats(x, device=device)
-    return eval_fid.frechet_distance(mu, sigma, *eval_fid.reference_stats(f'{cfg.dataset}:train', device=device))
+    inception = eval_fid.load_inception(device=device)
+    mu, sigma = eval_fid.compute_stats(x, model=inception)
+    ref = eval_fid.reference_stats(f'{cfg.dataset}:train', model=inception)  # computed once, then cached
+    return eval_fid.frechet_distance(mu, sigma, *ref)
 
 
 def train(cfg):
