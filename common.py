@@ -2,7 +2,8 @@
 No paper maths lives here (that belongs in the concept scripts); every function is plain plumbing that
 ddpm.py, ddim.py, eval_fid.py, ... would otherwise each write again.
 """
-import argparse, dataclasses, gzip, hashlib, inspect, os, pickle, re, sys, tarfile, tempfile, urllib.request
+import argparse, dataclasses, gzip, hashlib, inspect, os, pickle, re, signal, sys, tarfile, tempfile, urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,19 @@ def setup(device='auto'):
 def print0(*args, **kwargs):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+@contextmanager
+def stop_requested():
+    """Inside the block Ctrl-C and SIGTERM only append to the yielded list, so a training loop can finish its step,
+    save and exit; the previous handlers are restored afterwards (in-process callers keep a working Ctrl-C)."""
+    stop = []
+    old = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 # -----------------------------------------------------------------------------

@@ -390,11 +390,7 @@ def main(argv=None):
         model, mcfg = load_diffusers(cfg.init_from)
         out = Path(cfg.out or f'runs/ddim-{Path(cfg.init_from).resolve().name}')
     else:
-        ckpt = common.load_ckpt(cfg.ckpt or Path(cfg.out) / 'ckpt.pt', 'ddpm')
-        mcfg = ddpm.Config(**{k: v for k, v in ckpt['config'].items() if k in ddpm.Config.__dataclass_fields__})
-        info = common.DATASETS.get(mcfg.dataset, dict(channels=3, size=mcfg.image_size))
-        model = ddpm.make_model(mcfg, info['channels'], info['size'])
-        model.load_state_dict(ckpt['ema'])
+        model, mcfg = ddpm.load_model(cfg.ckpt or Path(cfg.out) / 'ckpt.pt')
         out = Path(cfg.out or Path(cfg.ckpt).parent)
     check_steps([cfg.steps], mcfg.T)
     mcfg = dataclasses.replace(mcfg, clip=cfg.clip, guidance=cfg.guidance, label=cfg.label, bf16=cfg.bf16,

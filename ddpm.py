@@ -12,7 +12,7 @@ then sample by running the learned reverse chain (Algorithm 2) from pure noise.
 Defaults follow the paper for cifar10 (and image folders); mnist/fashion-mnist use a smaller U-Net, and on a CPU
 the model shrinks further (see PRESETS). Every flag given on the command line wins over a preset.
 """
-import copy, csv, dataclasses, json, math, os, signal, time
+import copy, csv, dataclasses, json, math, os, time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +298,21 @@ class UNet(nn.Module):
         return self.conv_out(self.norm_out(h))
 
 
+def image_shape(cfg):
+    """(C, H, W) of the images a Config trains on."""
+    info = common.DATASETS.get(cfg.dataset, dict(channels=3, size=cfg.image_size))
+    return info['channels'], info['size'], info['size']
+
+
+def load_model(path):
+    """The EMA U-Net of a ddpm.py checkpoint (eval mode, CPU) and the Config it was trained with."""
+    ckpt = common.load_ckpt(path, 'ddpm')
+    cfg = Config(**{k: v for k, v in ckpt['config'].items() if k in Config.__dataclass_fields__})
+    model = make_model(cfg, *image_shape(cfg)[:2])
+    model.load_state_dict(ckpt['ema'])
+    return model.eval(), cfg
+
+
 def make_model(cfg, in_ch, resolution):
     ch_mult = tuple(int(m) for m in cfg.ch_mult.split(','))
     attn_res = tuple(int(r) for r in cfg.attn_res.split(',') if r)
@@ -444,9 +459,6 @@ def train(cfg):
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
     amp = torch.autocast('cuda', torch.bfloat16) if cfg.bf16 and cuda else nullcontext()
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    stop = []  # set by Ctrl-C / SIGTERM; the loop finishes its step, saves and exits, so nothing is lost
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(1))
 
     def save(step):
         if rank == 0:
@@ -461,56 +473,57 @@ def train(cfg):
             imgs = sample(ema, n, shape, cfg, sample_labels(cfg, n, device), g)
             common.save_grid(common.to_uint8(imgs), out / f'samples_{step:07d}.png', nrow=10 if cfg.class_cond else 8)
 
-    log = open(out / 'log.txt', 'a') if rank == 0 else None
-    t0, last = time.perf_counter(), start
-    pbar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    for step in range(start, cfg.steps):
-        torch.manual_seed((cfg.seed * 1000 + rank) * 10 ** 9 + step)  # batch, t, noise, dropout: exact on resume
-        for group in opt.param_groups:
-            group['lr'] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        x0, yb = common.random_batch(x, y, cfg.batch_size // world, cfg.flip)
-        loss = loss_fn(net, x0, yb, ab, cfg, amp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():  # EMA with a warm-up, so short runs are not dominated by the random init
-            torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema, (1 + step) / (10 + step)))
-        pbar.update()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            lossf = loss.item()  # the only host sync of the loop
-            if not math.isfinite(lossf):
-                common.fail(f'loss is {lossf} at step {done}: lower --lr or check the data')
-            dt = time.perf_counter() - t0
-            ips = (done - last) * cfg.batch_size / dt
-            pbar.set_postfix(loss=f'{lossf:.4f}', img_s=f'{ips:.0f}')
-            if log:
-                print(f'step {done} | loss {lossf:.4f} | {1000 * dt / (done - last):.1f} ms/step | {ips:.0f} img/s',
-                      file=log, flush=True)
-            t0, last = time.perf_counter(), done
-        if world > 1 and done % cfg.log_every == 0:  # agree on stopping, so no rank waits in a collective forever
-            flag = torch.tensor(float(bool(stop)), device=device)
-            torch.distributed.all_reduce(flag)
-            stop[:] = [1] if flag.item() else []
-        halt = bool(stop) and (world == 1 or done % cfg.log_every == 0)
-        if halt or done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save(done)
-        if halt:
-            common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
-            raise SystemExit(130)
-        do_grid = (cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps
-        do_fid = cfg.fid_every and (done % cfg.fid_every == 0 or done == cfg.steps)
-        if do_grid:
-            grid(done)
-        if do_fid:
-            score = fid(ema, cfg, shape, rank, world, device)
-            if rank == 0:
-                common.print0(f'\nstep {done} | FID-{cfg.fid_samples} {score:.2f}')
-                print(f'step {done} | fid{cfg.fid_samples} {score:.4f}', file=log, flush=True)
-        if do_grid or do_fid:
-            t0 = time.perf_counter()  # timings exclude sampling and evaluation
-    pbar.close()
+    # Ctrl-C / SIGTERM only set `stop`: the loop finishes its step, saves and exits, so nothing is lost
+    with common.stop_requested() as stop, open(out / 'log.txt', 'a') if rank == 0 else nullcontext() as log:
+        t0, last = time.perf_counter(), start
+        pbar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
+        for step in range(start, cfg.steps):
+            torch.manual_seed((cfg.seed * 1000 + rank) * 10 ** 9 + step)  # batch, t, noise, dropout: exact on resume
+            for group in opt.param_groups:
+                group['lr'] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            x0, yb = common.random_batch(x, y, cfg.batch_size // world, cfg.flip)
+            loss = loss_fn(net, x0, yb, ab, cfg, amp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():  # EMA with a warm-up, so short runs are not dominated by the random init
+                torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema, (1 + step) / (10 + step)))
+            pbar.update()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                lossf = loss.item()  # the only host sync of the loop
+                if not math.isfinite(lossf):
+                    common.fail(f'loss is {lossf} at step {done}: lower --lr or check the data')
+                dt = time.perf_counter() - t0
+                ips = (done - last) * cfg.batch_size / dt
+                pbar.set_postfix(loss=f'{lossf:.4f}', img_s=f'{ips:.0f}')
+                if log:
+                    print(f'step {done} | loss {lossf:.4f} | {1000 * dt / (done - last):.1f} ms/step | {ips:.0f} img/s',
+                          file=log, flush=True)
+                t0, last = time.perf_counter(), done
+            if world > 1 and done % cfg.log_every == 0:  # agree on stopping, so no rank waits in a collective forever
+                flag = torch.tensor(float(bool(stop)), device=device)
+                torch.distributed.all_reduce(flag)
+                stop[:] = [1] if flag.item() else []
+            halt = bool(stop) and (world == 1 or done % cfg.log_every == 0)
+            if halt or done % cfg.ckpt_every == 0 or done == cfg.steps:
+                save(done)
+            if halt:
+                common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
+                raise SystemExit(130)
+            do_grid = (cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps
+            do_fid = cfg.fid_every and (done % cfg.fid_every == 0 or done == cfg.steps)
+            if do_grid:
+                grid(done)
+            if do_fid:
+                score = fid(ema, cfg, shape, rank, world, device)
+                if rank == 0:
+                    common.print0(f'\nstep {done} | FID-{cfg.fid_samples} {score:.2f}')
+                    print(f'step {done} | fid{cfg.fid_samples} {score:.4f}', file=log, flush=True)
+            if do_grid or do_fid:
+                t0 = time.perf_counter()  # timings exclude sampling and evaluation
+        pbar.close()
     common.print0(f'done: {out}/ckpt.pt, {out}/samples_{cfg.steps:07d}.png')
     return model, lossf
 
@@ -522,12 +535,10 @@ def train(cfg):
 def sample_from_checkpoint(cfg):
     device, rank, world = common.setup(cfg.device)
     out = Path(cfg.out)
-    ckpt = common.load_ckpt(out / 'ckpt.pt', 'ddpm')
-    mcfg = dataclasses.replace(cfg, **{k: ckpt['config'][k] for k in MODEL_KEYS})  # model from the checkpoint
-    info = common.DATASETS.get(mcfg.dataset, dict(channels=3, size=mcfg.image_size))
-    shape = (info['channels'], info['size'], info['size'])
-    model = make_model(mcfg, shape[0], shape[1]).to(device).eval()
-    model.load_state_dict(ckpt['ema'])
+    model, trained = load_model(out / 'ckpt.pt')
+    model = model.to(device)
+    mcfg = dataclasses.replace(cfg, **{k: getattr(trained, k) for k in MODEL_KEYS})  # the model's own settings
+    shape = image_shape(mcfg)
     x = sample_many(model, cfg.n_samples, shape, mcfg, rank, world)
     if rank != 0:
         return
@@ -601,14 +612,14 @@ def bench(cfg, steps=50):
     """Training throughput of this config at --batch-size on random data: img/s, peak memory, model FLOPs utilisation."""
     device, _, _ = common.setup(cfg.device)
     cuda = 'cuda' in device
-    info = common.DATASETS.get(cfg.dataset, dict(channels=3, size=cfg.image_size))
+    C, H, W = image_shape(cfg)
     torch.manual_seed(cfg.seed)
-    model = make_model(cfg, info['channels'], info['size']).to(device)
+    model = make_model(cfg, C, H).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     net = torch.compile(model) if cfg.compile and cuda else model
     amp = torch.autocast('cuda', torch.bfloat16) if cfg.bf16 and cuda else nullcontext()
     ab = make_alpha_bar(cfg.schedule, cfg.T).float().to(device)
-    x0 = torch.rand(cfg.batch_size, info['channels'], info['size'], info['size'], device=device) * 2 - 1
+    x0 = torch.rand(cfg.batch_size, C, H, W, device=device) * 2 - 1
 
     def step():
         loss = loss_fn(net, x0, None, ab, cfg, amp)

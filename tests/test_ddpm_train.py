@@ -20,7 +20,9 @@ def run(tmp_path, *args):
 
 
 def test_train_then_sample_writes_grid_checkpoint_and_npz(tmp_path):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     run(tmp_path, '--steps', '3')
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # Ctrl-C works again
     assert (tmp_path / 'ckpt.pt').exists() and (tmp_path / 'config.json').exists()
     grid = Image.open(tmp_path / 'samples_0000003.png')
     assert grid.size == (8 * 30 + 2, 8 * 30 + 2)  # 64 samples of 28x28, 2-pixel padding
