@@ -217,9 +217,7 @@ def load_dataset(name, split='train', root=None, image_size=None):
                       for s, p in (('train', 'train'), ('test', 't10k'))}
         for s, (x, y) in arrays.items():
             for f, a in ((cache_dir() / f'{name}-{s}-x.npy', x), (cache_dir() / f'{name}-{s}-y.npy', y)):
-                with open(f.with_suffix('.tmp'), 'wb') as fh:
-                    np.save(fh, a)
-                os.replace(f.with_suffix('.tmp'), f)
+                atomic_write(f, lambda fh: np.save(fh, a))
     return torch.from_numpy(np.load(fx)), torch.from_numpy(np.load(fy))
 
 
@@ -256,18 +254,28 @@ def random_batch(x, y, batch_size, flip):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: one file per run, written atomically, loaded without unpickling code
+# Checkpoints and caches: written atomically; checkpoints loaded without unpickling code
+
+
+def atomic_write(path, write):
+    """write(file) into a fresh temp file beside path, then rename it over path: a run killed mid-write leaves the
+    old file intact, and processes writing the same file at once (DDP ranks filling a cache) never collide."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_ckpt(path, state):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # a run killed mid-save leaves the previous checkpoint intact
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_ckpt(path, script):

@@ -659,7 +659,10 @@ def main(argv=None):
     modes = dict(train=train, sample=sample_from_checkpoint, forward=forward_figures, schedules=schedule_figures,
                  bench=bench)
     try:
-        return modes[cfg.mode](cfg)
+        result = modes[cfg.mode](cfg)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # leave together: gloo can abort if a peer tears down while rank 0 still writes
+        return result
     except common.DataError as e:
         common.fail(str(e))
     finally:

@@ -336,9 +336,7 @@ def reference_stats(spec, mode='pytorch-fid', device=None, model=None, batch_siz
     cache = common.cache_dir() / f'fid-stats-{spec.replace(":", "-")}-{mode}.npz'
     if not cache.exists():
         mu, sigma = stats_of(input_features(spec, mode, device, model, batch_size))
-        with open(cache.with_suffix('.tmp'), 'wb') as f:
-            np.savez(f, mu=mu, sigma=sigma, mode=mode)
-        os.replace(cache.with_suffix('.tmp'), cache)  # an interrupted run leaves no half-written cache
+        common.atomic_write(cache, lambda f: np.savez(f, mu=mu, sigma=sigma, mode=mode))
     return read_npz(cache, mode)
 
 

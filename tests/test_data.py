@@ -130,3 +130,13 @@ def test_random_batch_range_and_flips():
     flipped = [torch.equal(b, ref.flip(2)) for b in xb]
     assert all(f or torch.equal(b, ref) for f, b in zip(flipped, xb)) and 10 < sum(flipped) < 54
     assert xb.min() >= -1 and xb.max() <= 1
+
+
+def test_atomic_write_survives_a_concurrent_writer(tmp_path):
+    path = tmp_path / 'mnist-train-x.npy'
+
+    def outer(f):  # another process (a second DDP rank filling the cache) writes the same file mid-way through ours
+        common.atomic_write(path, lambda g: g.write(b'inner'))
+        f.write(b'outer')
+    common.atomic_write(path, outer)
+    assert path.read_bytes() == b'outer' and list(tmp_path.iterdir()) == [path]  # last writer wins, no temp left

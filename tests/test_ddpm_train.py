@@ -81,6 +81,7 @@ def _ddp_worker(rank, port, out):
     x = ddpm.sample_many(model.eval(), 5, (1, 28, 28), dataclasses.replace(cfg, sample_batch=2), rank, 2)
     if rank == 0:  # 3 batches of 2, 2, 1 images, sampled by ranks 0, 1, 0 and gathered back in order
         torch.save(x, os.path.join(out, 'samples.pt'))
+    torch.distributed.barrier()  # as ddpm.main does: no rank tears down while another still works
     torch.distributed.destroy_process_group()
 
 
