@@ -1,6 +1,6 @@
 """Every Triton kernel against its plain-PyTorch reference, forward and backward, plus the dispatchers.
 GPU: pytest tests/test_kernels.py (fp32/bf16/fp16, U-Net shapes). CPU: the Triton interpreter, fp32, tiny shapes."""
-import os
+import os, subprocess, sys
 import torch
 
 if not torch.cuda.is_available():  # must precede the first import of triton kernels (conftest.py does it too)
@@ -153,3 +153,15 @@ def test_compile():  # the custom ops trace into one graph (fullgraph) with the 
     torch.testing.assert_close(loss, loss_ref)
     for g, gr in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(loss_ref, inputs)):
         torch.testing.assert_close(g, gr)
+
+
+def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """The launches on the U-Nets' shapes, compiled for the H100 with Triton's own ptxas (python -m kernels.aot)."""
+    pytest.importorskip('triton.backends.nvidia.compiler')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION='1')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, '-m', 'kernels.aot', '--arch', '90'], cwd=root, env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert 'variants compiled for sm_90' in p.stdout and '_attn_bwd_dkdv | bf16' in p.stdout
