@@ -63,7 +63,8 @@ def setup(device='auto'):
     if device.startswith('cuda'):
         device = f'cuda:{local}'
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    if not dist.is_initialized():  # a script may set up, then call another's train() that sets up again
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     return device, rank, world
 
 

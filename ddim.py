@@ -13,7 +13,7 @@ Defaults: DDIM, eta 0, S = 50, uniform spacing t_i = round(i (T-1) / (S-1)), whi
 On the Gaussian test (tests/test_ddim.py) few-step samplers, DPM-Solver++ most of all, do better with quadratic.
 Result: FID per (sampler, S) from --mode fid: <to be measured on a GPU>.
 """
-import dataclasses, json, math
+import dataclasses, json, math, shlex, time
 from functools import partial
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ import kernels
 
 @dataclass
 class Config:
-    mode: str = 'sample'  # sample | sweep | fid | invert | interp | sdedit | inpaint
+    mode: str = 'sample'  # sample | sweep | fid | invert | interp | sdedit | inpaint | speedrun
     out: str = ''  # run folder of a ddpm.py checkpoint (reads ckpt.pt; results are written here)
     ckpt: str = ''  # checkpoint file, if not <out>/ckpt.pt
     init_from: str = ''  # a diffusers UNet2DModel folder (config.json + weights), e.g. google/ddpm-cifar10-32
@@ -48,11 +48,20 @@ class Config:
     sample_batch: int = 256  # images per sampling batch
     save: str = 'png,npz'  # sample: png (a folder) and/or npz (uint8 (N, H, W, C))
     grid_steps: str = '1000,100,50,20,10'  # sweep and fid: the S values
-    fid_samples: int = 10000  # fid: samples per (sampler, S), scored against the train split with eval_fid.py
+    fid_samples: int = 10000  # fid: samples per (sampler, S), scored with eval_fid.py against --fid-ref
+    fid_ref: str = ''  # fid: reference, a dataset:split or a stats .npz (default: the checkpoint's dataset:train)
     image: str = ''  # invert / sdedit / inpaint: an image file of the model's size (default: the test split)
     data_dir: str = ''  # folder with the dataset archives (default $GENMODELS_DATA, else ./data)
     mask: str = 'center'  # inpaint: the unknown region, center (a square of half the side) | right (right half)
     bf16: bool = True  # bf16 autocast for the network on CUDA
+    train: str = ''  # speedrun: ddpm.py flags added to (and overriding) the SPEEDRUN recipe, e.g. "--objective v"
+
+
+# --mode speedrun (quality per GPU-minute): train ddpm.py with these flags, then score fid_samples samples drawn with
+# the fast sampler below. README "Speedrun" gives the measurement behind each choice.
+SPEEDRUN = ('--dataset fashion-mnist --time-budget 300 --steps 100000000 --batch-size 128 --lr 2e-4 --warmup 500 '
+            '--ema 0.999 --compile 0 --sample-every 0 --ckpt-every 2000')
+SPEEDRUN_SAMPLING = dict(out='runs/speedrun', sampler='dpm++2m', steps=20, spacing='quadratic', sample_batch=1000)
 
 
 # -----------------------------------------------------------------------------
@@ -292,7 +301,7 @@ def run_mode(cfg, model, mcfg, shape, device, rank, world, out):
     elif cfg.mode == 'fid':
         import eval_fid  # only this mode needs the Inception network
 
-        ref = eval_fid.reference_stats(f'{mcfg.dataset}:train', device=device) if rank == 0 else None
+        ref = eval_fid.reference_stats(cfg.fid_ref or f'{mcfg.dataset}:train', device=device) if rank == 0 else None
         rows = []
         for label, c in sweep_runs(cfg, mcfg.T):
             x = ddpm.sample_many(model, cfg.fid_samples, shape, mcfg, rank, world, label, partial(sample, cfg=c))
@@ -320,6 +329,28 @@ def run_mode(cfg, model, mcfg, shape, device, rank, world, out):
     else:
         x0 = real_images(cfg, mcfg, shape, n).to(device)
         image_modes[cfg.mode](cfg, model, mcfg, x0, y[:len(x0)] if y is not None else None, ab, ts, gen, tag, out)
+
+
+def speedrun(cfg, model, mcfg, shape, device, rank, world, out, tcfg, steps, clock):
+    """Time cfg.fid_samples samples from the fast sampler, score them, and print the run's figures last."""
+    import eval_fid
+
+    sync = torch.cuda.synchronize if 'cuda' in device else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    x = ddpm.sample_many(model, cfg.fid_samples, shape, mcfg, rank, world, 'samples', partial(sample, cfg=cfg))
+    sync()
+    seconds = time.perf_counter() - t0
+    if rank != 0:
+        return
+    ref = cfg.fid_ref or f'{mcfg.dataset}:train'
+    score = eval_fid.frechet_distance(*eval_fid.compute_stats(x, device=device), *eval_fid.reference_stats(ref, device=device))
+    common.save_grid(x[:100], out / 'speedrun.png', nrow=10)
+    print(f'grid: {out}/speedrun.png')
+    print(f'budget {tcfg.time_budget:g} s | {steps} steps in {clock:.1f} s of training | '
+          f'{steps * tcfg.batch_size / clock:.0f} img/s (batch {tcfg.batch_size}, {device})')
+    print(f'sampling {cfg.fid_samples} images with {cfg.sampler}, S = {cfg.steps}: {seconds:.1f} s')
+    print(f'FID-{cfg.fid_samples} against {ref} (pytorch-fid mode): {score:.2f}')
 
 
 def invert(cfg, model, mcfg, x0, y, ab, ts, gen, tag, out):
@@ -368,6 +399,19 @@ def inpaint(cfg, model, mcfg, x0, y, ab, ts, gen, tag, out):
 image_modes = dict(invert=invert, sdedit=sdedit, inpaint=inpaint)
 
 
+def train_for_budget(cfg):
+    """speedrun: ddpm.py with SPEEDRUN + --train flags into --out; resumed if killed, skipped once the budget is spent.
+    Returns (training Config, steps, seconds of training)."""
+    argv = shlex.split(SPEEDRUN) + ['--out', cfg.out, '--device', cfg.device, '--seed', str(cfg.seed)]
+    tcfg = common.parse_config(ddpm.Config, ddpm.presets, argv + shlex.split(cfg.train))
+    path = Path(tcfg.out) / 'ckpt.pt'
+    ckpt = common.load_ckpt(path, 'ddpm') if path.exists() else None
+    if ckpt is None or ckpt['step'] < tcfg.steps and ckpt['clock'] < tcfg.time_budget:
+        ddpm.train(dataclasses.replace(tcfg, resume=ckpt is not None))
+        ckpt = common.load_ckpt(path, 'ddpm')
+    return tcfg, ckpt['step'], ckpt['clock']
+
+
 def check_steps(S, T):
     for s in S:
         if not 1 <= s <= T:
@@ -375,8 +419,8 @@ def check_steps(S, T):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv=argv)
-    modes = ('sample', 'sweep', 'fid', 'invert', 'interp', 'sdedit', 'inpaint')
+    cfg = common.parse_config(Config, lambda v: SPEEDRUN_SAMPLING if v['mode'] == 'speedrun' else {}, argv)
+    modes = ('sample', 'sweep', 'fid', 'invert', 'interp', 'sdedit', 'inpaint', 'speedrun')
     for k, allowed in dict(mode=modes, sampler=('ddim', 'dpm++2m', 'ddpm'), spacing=('uniform', 'quadratic'),
                            mask=('center', 'right')).items():
         if getattr(cfg, k) not in allowed:
@@ -386,24 +430,33 @@ def main(argv=None):
     if not (cfg.out or cfg.ckpt or cfg.init_from):
         common.fail('give --out (a ddpm.py run folder), --ckpt or --init-from')
     device, rank, world = common.setup(cfg.device)
-    if cfg.init_from:
-        model, mcfg = load_diffusers(cfg.init_from)
-        out = Path(cfg.out or f'runs/ddim-{Path(cfg.init_from).resolve().name}')
-    else:
-        model, mcfg = ddpm.load_model(cfg.ckpt or Path(cfg.out) / 'ckpt.pt')
-        out = Path(cfg.out or Path(cfg.ckpt).parent)
-    check_steps([cfg.steps], mcfg.T)
-    mcfg = dataclasses.replace(mcfg, clip=cfg.clip, guidance=cfg.guidance, label=cfg.label, bf16=cfg.bf16,
-                               seed=cfg.seed, sample_batch=cfg.sample_batch)
-    model = model.to(device).eval()
-    size = common.DATASETS.get(mcfg.dataset, {}).get('size', mcfg.image_size)
-    shape = (model.conv_in.in_channels, size, size)
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        run_mode(cfg, model, mcfg, shape, device, rank, world, out)
+        if cfg.mode == 'speedrun':
+            trained = train_for_budget(cfg)
+        if cfg.init_from:
+            model, mcfg = load_diffusers(cfg.init_from)
+            out = Path(cfg.out or f'runs/ddim-{Path(cfg.init_from).resolve().name}')
+        else:
+            model, mcfg = ddpm.load_model(cfg.ckpt or Path(cfg.out) / 'ckpt.pt')
+            out = Path(cfg.out or Path(cfg.ckpt).parent)
+        check_steps([cfg.steps], mcfg.T)
+        mcfg = dataclasses.replace(mcfg, clip=cfg.clip, guidance=cfg.guidance, label=cfg.label, bf16=cfg.bf16,
+                                   seed=cfg.seed, sample_batch=cfg.sample_batch)
+        model = model.to(device).eval()
+        size = common.DATASETS.get(mcfg.dataset, {}).get('size', mcfg.image_size)
+        shape = (model.conv_in.in_channels, size, size)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.mode == 'speedrun':
+            speedrun(cfg, model, mcfg, shape, device, rank, world, out, *trained)
+        else:
+            run_mode(cfg, model, mcfg, shape, device, rank, world, out)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     except common.DataError as e:
         common.fail(str(e))
-
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 if __name__ == '__main__':
     main()

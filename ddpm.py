@@ -12,7 +12,7 @@ then sample by running the learned reverse chain (Algorithm 2) from pure noise.
 Defaults follow the paper for cifar10 (and image folders); mnist/fashion-mnist use a smaller U-Net, and on a CPU
 the model shrinks further (see PRESETS). Every flag given on the command line wins over a preset.
 """
-import copy, csv, dataclasses, json, math, os, time
+import copy, csv, dataclasses, json, math, time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,7 @@ class Config:
     loss: str = 'mse'  # mse (L_simple) | l1
     # training
     steps: int = 800000  # optimizer steps
+    time_budget: float = 0  # stop after this many seconds of training (start-up, checkpoints, grids, FID excluded; 0: off)
     batch_size: int = 128  # global batch, split evenly across ranks
     lr: float = 2e-4  # AdamW learning rate
     warmup: int = 5000  # linear learning-rate warm-up steps
@@ -432,7 +433,7 @@ def train(cfg):
     model = make_model(cfg, shape[0], shape[1]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
+    start, clock = 0, 0.0  # clock: seconds spent training, kept across resumes for --time-budget
     if cfg.resume:
         ckpt = common.load_ckpt(out / 'ckpt.pt', 'ddpm')
         changed = [k for k in MODEL_KEYS if ckpt['config'][k] != getattr(cfg, k)]
@@ -442,7 +443,7 @@ def train(cfg):
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
         opt.load_state_dict(ckpt['opt'])
-        start = ckpt['step']
+        start, clock = ckpt['step'], ckpt.get('clock', 0.0)
     elif (out / 'ckpt.pt').exists():
         common.fail(f'{out}/ckpt.pt exists: pass --resume 1 to continue it, or another --out')
     nparams = sum(p.numel() for p in model.parameters())
@@ -463,7 +464,8 @@ def train(cfg):
     def save(step):
         if rank == 0:
             common.save_ckpt(out / 'ckpt.pt', dict(script='ddpm', model=model.state_dict(), ema=ema.state_dict(),
-                                                   opt=opt.state_dict(), step=step, config=dataclasses.asdict(cfg)))
+                                                   opt=opt.state_dict(), step=step, clock=clock,
+                                                   config=dataclasses.asdict(cfg)))
 
     def grid(step):
         if rank == 0:
@@ -475,8 +477,9 @@ def train(cfg):
 
     # Ctrl-C / SIGTERM only set `stop`: the loop finishes its step, saves and exits, so nothing is lost
     with common.stop_requested() as stop, open(out / 'log.txt', 'a') if rank == 0 else nullcontext() as log:
-        t0, last = time.perf_counter(), start
-        pbar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
+        t0 = tick = time.perf_counter()  # t0: last log line; tick: start of the current stretch of pure training
+        last, clock0 = start, clock
+        pbar = tqdm(total=None if cfg.time_budget else cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
         for step in range(start, cfg.steps):
             torch.manual_seed((cfg.seed * 1000 + rank) * 10 ** 9 + step)  # batch, t, noise, dropout: exact on resume
             for group in opt.param_groups:
@@ -491,7 +494,15 @@ def train(cfg):
                 torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema, (1 + step) / (10 + step)))
             pbar.update()
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            over = bool(cfg.time_budget) and clock + time.perf_counter() - tick >= cfg.time_budget
+            if world > 1:  # agree on stopping, so no rank waits in a collective forever
+                flags = torch.tensor([float(bool(stop)), float(over)], device=device)
+                if done % cfg.log_every == 0:
+                    torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX)
+                stop[:] = [1] if flags[0] else []
+                over = bool(flags[1]) and done % cfg.log_every == 0
+            final = done == cfg.steps or over
+            if done % cfg.log_every == 0 or final:
                 lossf = loss.item()  # the only host sync of the loop
                 if not math.isfinite(lossf):
                     common.fail(f'loss is {lossf} at step {done}: lower --lr or check the data')
@@ -502,18 +513,21 @@ def train(cfg):
                     print(f'step {done} | loss {lossf:.4f} | {1000 * dt / (done - last):.1f} ms/step | {ips:.0f} img/s',
                           file=log, flush=True)
                 t0, last = time.perf_counter(), done
-            if world > 1 and done % cfg.log_every == 0:  # agree on stopping, so no rank waits in a collective forever
-                flag = torch.tensor(float(bool(stop)), device=device)
-                torch.distributed.all_reduce(flag)
-                stop[:] = [1] if flag.item() else []
             halt = bool(stop) and (world == 1 or done % cfg.log_every == 0)
-            if halt or done % cfg.ckpt_every == 0 or done == cfg.steps:
+            do_ckpt = halt or done % cfg.ckpt_every == 0 or final
+            do_grid = (cfg.sample_every and done % cfg.sample_every == 0) or final
+            do_fid = cfg.fid_every and (done % cfg.fid_every == 0 or final)
+            if not (do_ckpt or do_grid or do_fid):
+                continue
+            if cuda:
+                torch.cuda.synchronize()  # the queued steps belong to the training clock
+            pause = time.perf_counter()
+            clock += pause - tick
+            if do_ckpt:
                 save(done)
             if halt:
                 common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
                 raise SystemExit(130)
-            do_grid = (cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps
-            do_fid = cfg.fid_every and (done % cfg.fid_every == 0 or done == cfg.steps)
             if do_grid:
                 grid(done)
             if do_fid:
@@ -521,10 +535,14 @@ def train(cfg):
                 if rank == 0:
                     common.print0(f'\nstep {done} | FID-{cfg.fid_samples} {score:.2f}')
                     print(f'step {done} | fid{cfg.fid_samples} {score:.4f}', file=log, flush=True)
-            if do_grid or do_fid:
-                t0 = time.perf_counter()  # timings exclude sampling and evaluation
+            tick = time.perf_counter()
+            t0 += tick - pause  # timings exclude checkpoints, sampling and evaluation
+            if over:
+                break
         pbar.close()
-    common.print0(f'done: {out}/ckpt.pt, {out}/samples_{cfg.steps:07d}.png')
+    ips = (done - start) * cfg.batch_size / max(clock - clock0, 1e-9)
+    common.print0(f'done: step {done}, {clock:.1f} s of training ({ips:.0f} img/s) -> {out}/ckpt.pt, '
+                  f'{out}/samples_{done:07d}.png')
     return model, lossf
 
 

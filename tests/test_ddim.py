@@ -143,7 +143,18 @@ def size(path):
     return Image.open(path).size
 
 
-def test_every_mode_writes_its_outputs(run_dir, monkeypatch):
+@pytest.fixture
+def fake_fid(monkeypatch):
+    """A stand-in eval_fid for the plumbing (the real one needs the Inception weights and time); lists the refs asked."""
+    seen = []
+    fake = types.SimpleNamespace(reference_stats=lambda spec, device: seen.append(spec) or (0.0, 0.0),
+                                 compute_stats=lambda x, device: (float(x.float().mean()), 0.0),
+                                 frechet_distance=lambda m1, s1, m2, s2: (m1 - m2) ** 2)
+    monkeypatch.setitem(sys.modules, 'eval_fid', fake)
+    return seen
+
+
+def test_every_mode_writes_its_outputs(run_dir, fake_fid):
     run(run_dir, '--n-samples', '3', '--sample-batch', '2')
     x = np.load(run_dir / 'samples_ddim-S4-eta0.npz')['arr_0']
     assert x.shape == (3, 28, 28, 1) and x.dtype == np.uint8
@@ -162,14 +173,23 @@ def test_every_mode_writes_its_outputs(run_dir, monkeypatch):
     assert size(run_dir / 'sdedit_steps.png') == (6 * cell + 2, 2 * cell + 2)
     run(run_dir, '--mode', 'inpaint', '--sampler', 'ddpm')
     assert size(run_dir / 'inpaint.png') == (2 * cell + 2, 3 * cell + 2)
-    seen = []  # fid: the plumbing, with a stand-in eval_fid (the real one needs the Inception weights and time)
-    fake = types.SimpleNamespace(reference_stats=lambda spec, device: seen.append(spec) or (0.0, 0.0),
-                                 compute_stats=lambda x, device: (float(x.float().mean()), 0.0),
-                                 frechet_distance=lambda m1, s1, m2, s2: (m1 - m2) ** 2)
-    monkeypatch.setitem(sys.modules, 'eval_fid', fake)
     run(run_dir, '--mode', 'fid', '--grid-steps', '20,2', '--fid-samples', '3')
     lines = (run_dir / 'fid_steps.csv').read_text().splitlines()
-    assert seen == ['mnist:train'] and len(lines) == 1 + 6 and lines[2].startswith('ddpm-S20-eta1,')
+    assert fake_fid == ['mnist:train'] and len(lines) == 1 + 6 and lines[2].startswith('ddpm-S20-eta1,')
+
+
+def test_speedrun_trains_for_its_time_budget_then_scores_once(tmp_path, fake_fid, capsys):
+    args = ['--mode', 'speedrun', '--out', str(tmp_path), '--device', 'cpu', '--fid-samples', '3', '--steps', '3',
+            '--train', ' '.join(TINY) + ' --time-budget 1']
+    ddim.main(args)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert 1 <= ckpt['clock'] < 30 and ckpt['step'] > 1  # stopped by the clock, not by --steps
+    last = capsys.readouterr().out.splitlines()[-3:]
+    assert last[0].startswith(f'budget 1 s | {ckpt["step"]} steps in {ckpt["clock"]:.1f} s of training | ')
+    assert last[1].startswith('sampling 3 images with dpm++2m, S = 3: ') and last[2].startswith('FID-3 against mnist:')
+    assert Image.open(tmp_path / 'speedrun.png').size == (10 * 30 + 2, 30 + 2)  # rows of 10
+    ddim.main(args)  # the budget is spent: straight to sampling, no more training
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == ckpt['step']
 
 
 def test_inpainting_keeps_the_known_pixels(run_dir):
