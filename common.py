@@ -129,8 +129,9 @@ def verify(path, checksum):
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)
     if not h.hexdigest().startswith(want):
-        raise DataError(f'{path}: {algo} is {h.hexdigest()}, expected {want}. The file is corrupt, truncated or not the '
-                        f'official one: delete it and let the script download it again, or replace it with the official file.')
+        raise DataError(f'{path}: {algo} is {h.hexdigest()}, expected {want}. The file is corrupt, truncated or not '
+                        f'the official one: delete it and let the script download it again, or replace it with the '
+                        f'official file.')
 
 
 def download(url, dest, checksum):

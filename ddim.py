@@ -344,7 +344,8 @@ def speedrun(cfg, model, mcfg, shape, device, rank, world, out, tcfg, steps, clo
     if rank != 0:
         return
     ref = cfg.fid_ref or f'{mcfg.dataset}:train'
-    score = eval_fid.frechet_distance(*eval_fid.compute_stats(x, device=device), *eval_fid.reference_stats(ref, device=device))
+    stats = eval_fid.compute_stats(x, device=device), eval_fid.reference_stats(ref, device=device)
+    score = eval_fid.frechet_distance(*stats[0], *stats[1])
     common.save_grid(x[:100], out / 'speedrun.png', nrow=10)
     print(f'grid: {out}/speedrun.png')
     print(f'budget {tcfg.time_budget:g} s | {steps} steps in {clock:.1f} s of training | '

@@ -31,7 +31,7 @@ import kernels
 class Config:
     mode: str = 'train'  # train | sample (from the checkpoint in --out) | forward | schedules | bench
     dataset: str = 'cifar10'  # mnist | fashion-mnist | cifar10 | path of an image folder
-    data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data; downloaded if missing)
+    data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data; fetched if missing)
     image_size: int = 32  # image folders only: shorter side resized to this, then centre-cropped
     out: str = ''  # run folder for checkpoint, grids and logs (default runs/ddpm-<dataset>)
     device: str = 'auto'  # auto | cuda | cpu | mps
@@ -51,7 +51,7 @@ class Config:
     loss: str = 'mse'  # mse (L_simple) | l1
     # training
     steps: int = 800000  # optimizer steps
-    time_budget: float = 0  # stop after this many seconds of training (start-up, checkpoints, grids, FID excluded; 0: off)
+    time_budget: float = 0  # stop after this many seconds of training (not counting start-up, checkpoints, FID); 0: off
     batch_size: int = 128  # global batch, split evenly across ranks
     lr: float = 2e-4  # AdamW learning rate
     warmup: int = 5000  # linear learning-rate warm-up steps
@@ -106,7 +106,7 @@ def make_beta(schedule, T):
     if schedule == 'cosine':  # Nichol & Dhariwal eq. 17, s = 0.008
         f = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
     elif schedule == 'sigmoid':  # Jabri et al. 2022 (RIN): alpha_bar follows a sigmoid, start -3, end 3, tau 1
-        s0, s1 = torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)), torch.sigmoid(torch.tensor(3.0, dtype=torch.float64))
+        s0, s1 = torch.sigmoid(torch.tensor([-3.0, 3.0], dtype=torch.float64))
         f = (s1 - torch.sigmoid(t * 6 - 3)) / (s1 - s0)
     else:
         common.fail(f'unknown --schedule {schedule!r}: use linear, cosine or sigmoid')
@@ -277,7 +277,7 @@ class UNet(nn.Module):
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(mod.weight)
                 nn.init.zeros_(mod.bias)
-        for mod in self.modules():  # ... and layers that end a residual branch start at zero, so blocks start as identity
+        for mod in self.modules():  # ... and layers that end a residual branch start at zero: blocks start as identity
             if isinstance(mod, ResBlock):
                 nn.init.zeros_(mod.conv2.weight)
             if isinstance(mod, Attention):
@@ -398,7 +398,8 @@ def check(cfg, world=1):
         levels = [int(m) for m in cfg.ch_mult.split(',')]
         [int(r) for r in cfg.attn_res.split(',') if r]
     except ValueError:
-        common.fail(f'--ch-mult {cfg.ch_mult!r} / --attn-res {cfg.attn_res!r} must be comma-separated integers, e.g. 1,2,2,2')
+        common.fail(f'--ch-mult {cfg.ch_mult!r} / --attn-res {cfg.attn_res!r} must be comma-separated integers, '
+                    f'e.g. 1,2,2,2')
     size = common.DATASETS.get(cfg.dataset, {}).get('size', cfg.image_size)
     if size % 2 ** (len(levels) - 1):
         common.fail(f'{size}x{size} images cannot be halved {len(levels) - 1} times: shorten --ch-mult')
@@ -495,12 +496,13 @@ def train(cfg):
             pbar.update()
             done = step + 1
             over = bool(cfg.time_budget) and clock + time.perf_counter() - tick >= cfg.time_budget
-            if world > 1:  # agree on stopping, so no rank waits in a collective forever
-                flags = torch.tensor([float(bool(stop)), float(over)], device=device)
+            if world > 1:  # ranks agree on stopping every log_every steps, so none waits in a collective forever
                 if done % cfg.log_every == 0:
+                    flags = torch.tensor([float(bool(stop)), float(over)], device=device)
                     torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX)
-                stop[:] = [1] if flags[0] else []
-                over = bool(flags[1]) and done % cfg.log_every == 0
+                    stop[:], over = [1] * bool(flags[0]), bool(flags[1])
+                else:
+                    over = False
             final = done == cfg.steps or over
             if done % cfg.log_every == 0 or final:
                 lossf = loss.item()  # the only host sync of the loop
@@ -627,7 +629,7 @@ PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 
 
 
 def bench(cfg, steps=50):
-    """Training throughput of this config at --batch-size on random data: img/s, peak memory, model FLOPs utilisation."""
+    """Training throughput of this config at --batch-size on random data: img/s, peak memory, model FLOP utilisation."""
     device, _, _ = common.setup(cfg.device)
     cuda = 'cuda' in device
     C, H, W = image_shape(cfg)

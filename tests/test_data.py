@@ -36,8 +36,8 @@ def cifar_fixture(folder):
             sel = d['src_train'][:, 0] == k
             add(f'data_batch_{k}', {b'batch_label': f'training batch {k} of 5'.encode(), b'data': d['x_train'][sel],
                                     b'labels': d['y_train'][sel].tolist(), b'filenames': [b'x.png'] * int(sel.sum())})
-        add('test_batch', {b'batch_label': b'testing batch 1 of 1', b'data': d['x_test'], b'labels': d['y_test'].tolist(),
-                           b'filenames': [b'x.png'] * len(d['y_test'])})
+        add('test_batch', {b'batch_label': b'testing batch 1 of 1', b'data': d['x_test'],
+                           b'labels': d['y_test'].tolist(), b'filenames': [b'x.png'] * len(d['y_test'])})
         tar.add(DATA / 'cifar10-subset' / 'batches.meta', 'cifar-10-batches-py/batches.meta')
     return path, d
 

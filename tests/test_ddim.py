@@ -145,7 +145,7 @@ def size(path):
 
 @pytest.fixture
 def fake_fid(monkeypatch):
-    """A stand-in eval_fid for the plumbing (the real one needs the Inception weights and time); lists the refs asked."""
+    """A stand-in eval_fid for the plumbing (the real one needs the Inception weights and time); lists refs asked."""
     seen = []
     fake = types.SimpleNamespace(reference_stats=lambda spec, device: seen.append(spec) or (0.0, 0.0),
                                  compute_stats=lambda x, device: (float(x.float().mean()), 0.0),

@@ -76,7 +76,8 @@ def test_ddpm_step_is_posterior_mean_plus_noise():
 
 def test_guidance_weights():
     torch.manual_seed(0)
-    model = ddpm.UNet(1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0, resolution=8, num_classes=10)
+    model = ddpm.UNet(1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0, resolution=8,
+                      num_classes=10)
     with torch.no_grad():  # the paper's zero init makes the output 0; perturb so conditional != unconditional
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -73,7 +73,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
 
 
 def _ddp_worker(rank, port, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
     torch.set_num_threads(1)
     cfg = common.parse_config(ddpm.Config, ddpm.presets, TINY + ['--out', out, '--steps', '3', '--dropout', '0.1'])
     model, _ = ddpm.train(cfg)
@@ -138,7 +139,8 @@ def test_fid_during_training_is_logged(tmp_path, monkeypatch):
     weights = common.data_dir() / 'weights' / 'pt_inception-2015-12-05-nofc.pth'
     monkeypatch.setenv('FID_WEIGHTS', str(weights))
     real = common.load_dataset('mnist', 'test')[0][:6]  # a 6-image reference keeps the Inception on CPU cheap
-    monkeypatch.setattr(eval_fid, 'reference_stats', lambda spec, model, **kw: eval_fid.compute_stats(real, model=model))
+    monkeypatch.setattr(eval_fid, 'reference_stats',
+                        lambda spec, model, **kw: eval_fid.compute_stats(real, model=model))
     run(tmp_path, '--steps', '2', '--fid-every', '2', '--fid-samples', '4')
     line = (tmp_path / 'log.txt').read_text().splitlines()[-1]
     assert line.startswith('step 2 | fid4 ') and float(line.split()[-1]) > 0
