@@ -7,11 +7,13 @@ reverse process with the same marginals (eq. 12) that can skip steps, and is det
     torchrun --standalone --nproc_per_node=8 ddim.py --out runs/ddpm-cifar10 --mode fid --fid-samples 50000
     python ddim.py --out runs/ddpm-cifar10 --mode invert | interp | sdedit | inpaint
     python ddim.py --init-from google-ddpm-cifar10-32/ --mode sweep    # Ho et al.'s own weights (diffusers layout)
+    python ddim.py --mode speedrun                                     # 300 s of ddpm.py on Fashion-MNIST, then FID-10k
 
 Defaults: DDIM, eta 0, S = 50, uniform spacing t_i = round(i (T-1) / (S-1)), which hits t = T-1 and t = 0;
 --spacing quadratic: t_i = i + round((T - S) (i / (S-1))^2), denser near t = 0 (Song et al. App. D.2 define both).
 On the Gaussian test (tests/test_ddim.py) few-step samplers, DPM-Solver++ most of all, do better with quadratic.
-Result: FID per (sampler, S) from --mode fid: <to be measured on a GPU>.
+Result (README "ddim.py"): FID-2k of the 8-minute CPU MNIST model at S = 10 / 20 / 50: DDIM eta 0 100.9 / 84.0 /
+59.1, eta 1 25.5 / 16.2 / 14.8, DPM-Solver++(2M) 77.1 / 72.4 / 58.2 (uniform spacing), on 2 CPU cores.
 """
 import dataclasses, json, math, shlex, time
 from functools import partial
@@ -61,7 +63,7 @@ class Config:
 # the fast sampler below. README "Speedrun" gives the measurement behind each choice.
 SPEEDRUN = ('--dataset fashion-mnist --time-budget 300 --steps 100000000 --batch-size 128 --lr 2e-4 --warmup 500 '
             '--ema 0.999 --compile 0 --sample-every 0 --ckpt-every 2000')
-SPEEDRUN_SAMPLING = dict(out='runs/speedrun', sampler='dpm++2m', steps=20, spacing='quadratic', sample_batch=1000)
+SPEEDRUN_SAMPLING = dict(out='runs/speedrun', sampler='ddim', eta=1.0, steps=50, sample_batch=1000)
 
 
 # -----------------------------------------------------------------------------
@@ -350,7 +352,7 @@ def speedrun(cfg, model, mcfg, shape, device, rank, world, out, tcfg, steps, clo
     print(f'grid: {out}/speedrun.png')
     print(f'budget {tcfg.time_budget:g} s | {steps} steps in {clock:.1f} s of training | '
           f'{steps * tcfg.batch_size / clock:.0f} img/s (batch {tcfg.batch_size}, {device})')
-    print(f'sampling {cfg.fid_samples} images with {cfg.sampler}, S = {cfg.steps}: {seconds:.1f} s')
+    print(f'sampling {cfg.fid_samples} images with {cfg.sampler}, S = {cfg.steps}, eta = {cfg.eta:g}: {seconds:.1f} s')
     print(f'FID-{cfg.fid_samples} against {ref} (pytorch-fid mode): {score:.2f}')
 
 

@@ -186,7 +186,8 @@ def test_speedrun_trains_for_its_time_budget_then_scores_once(tmp_path, fake_fid
     assert 1 <= ckpt['clock'] < 30 and ckpt['step'] > 1  # stopped by the clock, not by --steps
     last = capsys.readouterr().out.splitlines()[-3:]
     assert last[0].startswith(f'budget 1 s | {ckpt["step"]} steps in {ckpt["clock"]:.1f} s of training | ')
-    assert last[1].startswith('sampling 3 images with dpm++2m, S = 3: ') and last[2].startswith('FID-3 against mnist:')
+    assert last[1].startswith('sampling 3 images with ddim, S = 3, eta = 1: ')
+    assert last[2].startswith('FID-3 against mnist:')
     assert Image.open(tmp_path / 'speedrun.png').size == (10 * 30 + 2, 30 + 2)  # rows of 10
     ddim.main(args)  # the budget is spent: straight to sampling, no more training
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == ckpt['step']
