@@ -409,6 +409,13 @@ def train_for_budget(cfg):
     tcfg = common.parse_config(ddpm.Config, ddpm.presets, argv + shlex.split(cfg.train))
     path = Path(tcfg.out) / 'ckpt.pt'
     ckpt = common.load_ckpt(path, 'ddpm') if path.exists() else None
+    if ckpt is not None:  # never score (or continue) a run trained with other settings under this variant's name
+        ignore = {'mode', 'out', 'device', 'data_dir', 'resume', 'log_every', 'sample_every', 'ckpt_every', 'fid_every',
+                  'fid_samples', 'var', 'clip', 'guidance', 'label', 'n_samples', 'sample_batch', 'save'}
+        changed = [k for k, v in dataclasses.asdict(tcfg).items() if k not in ignore and ckpt['config'].get(k) != v]
+        if changed:
+            common.fail(f'{path} was trained with other {", ".join(changed)} '
+                        f'({", ".join(str(ckpt["config"].get(k)) for k in changed)}): give this variant its own --out')
     if ckpt is None or ckpt['step'] < tcfg.steps and ckpt['clock'] < tcfg.time_budget:
         ddpm.train(dataclasses.replace(tcfg, resume=ckpt is not None))
         ckpt = common.load_ckpt(path, 'ddpm')

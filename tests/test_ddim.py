@@ -191,6 +191,8 @@ def test_speedrun_trains_for_its_time_budget_then_scores_once(tmp_path, fake_fid
     assert Image.open(tmp_path / 'speedrun.png').size == (10 * 30 + 2, 30 + 2)  # rows of 10
     ddim.main(args)  # the budget is spent: straight to sampling, no more training
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == ckpt['step']
+    with pytest.raises(SystemExit, match='trained with other lr'):  # a variant must not reuse another's run
+        ddim.main(args[:-1] + [args[-1] + ' --lr 1e-3'])
 
 
 def test_inpainting_keeps_the_known_pixels(run_dir):
