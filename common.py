@@ -74,6 +74,21 @@ def print0(*args, **kwargs):
 
 
 @contextmanager
+def script_guard():
+    """Around a script's work: a data error becomes one clear line; under torchrun the ranks leave together and the
+    process group is torn down however the work ends."""
+    try:
+        yield
+        if dist.is_initialized():
+            dist.barrier()  # leave together: gloo can abort if a peer tears down while rank 0 still writes
+    except DataError as e:
+        fail(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextmanager
 def stop_requested():
     """Inside the block Ctrl-C and SIGTERM only append to the yielded list, so a training loop can finish its step,
     save and exit; the previous handlers are restored afterwards (in-process callers keep a working Ctrl-C)."""

@@ -440,7 +440,7 @@ def main(argv=None):
     if not (cfg.out or cfg.ckpt or cfg.init_from):
         common.fail('give --out (a ddpm.py run folder), --ckpt or --init-from')
     device, rank, world = common.setup(cfg.device)
-    try:
+    with common.script_guard():
         if cfg.mode == 'speedrun':
             trained = train_for_budget(cfg)
         if cfg.init_from:
@@ -460,13 +460,7 @@ def main(argv=None):
             speedrun(cfg, model, mcfg, shape, device, rank, world, out, *trained)
         else:
             run_mode(cfg, model, mcfg, shape, device, rank, world, out)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-    except common.DataError as e:
-        common.fail(str(e))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
 
 if __name__ == '__main__':
     main()

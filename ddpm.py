@@ -678,16 +678,8 @@ def main(argv=None):
     check(cfg)
     modes = dict(train=train, sample=sample_from_checkpoint, forward=forward_figures, schedules=schedule_figures,
                  bench=bench)
-    try:
-        result = modes[cfg.mode](cfg)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # leave together: gloo can abort if a peer tears down while rank 0 still writes
-        return result
-    except common.DataError as e:
-        common.fail(str(e))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with common.script_guard():
+        return modes[cfg.mode](cfg)
 
 
 if __name__ == '__main__':
