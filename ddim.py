@@ -410,9 +410,8 @@ def train_for_budget(cfg):
     path = Path(tcfg.out) / 'ckpt.pt'
     ckpt = common.load_ckpt(path, 'ddpm') if path.exists() else None
     if ckpt is not None:  # never score (or continue) a run trained with other settings under this variant's name
-        ignore = {'mode', 'out', 'device', 'data_dir', 'resume', 'log_every', 'sample_every', 'ckpt_every', 'fid_every',
-                  'fid_samples', 'var', 'clip', 'guidance', 'label', 'n_samples', 'sample_batch', 'save'}
-        changed = [k for k, v in dataclasses.asdict(tcfg).items() if k not in ignore and ckpt['config'].get(k) != v]
+        changed = [k for k, v in dataclasses.asdict(tcfg).items()
+                   if k not in ('out', 'device', 'data_dir', 'resume') and ckpt['config'].get(k) != v]
         if changed:
             common.fail(f'{path} was trained with other {", ".join(changed)} '
                         f'({", ".join(str(ckpt["config"].get(k)) for k in changed)}): give this variant its own --out')
@@ -437,6 +436,8 @@ def main(argv=None):
             common.fail(f'--{k} {getattr(cfg, k)!r} is not one of: {", ".join(allowed)}')
     if cfg.eta < 0 or cfg.steps < 1:
         common.fail(f'--eta {cfg.eta} must be >= 0 and --steps {cfg.steps} >= 1')
+    if cfg.mode == 'speedrun' and (cfg.ckpt or cfg.init_from):
+        common.fail('--mode speedrun trains its own model into --out: drop --ckpt / --init-from')
     if not (cfg.out or cfg.ckpt or cfg.init_from):
         common.fail('give --out (a ddpm.py run folder), --ckpt or --init-from')
     device, rank, world = common.setup(cfg.device)

@@ -23,7 +23,7 @@ def capture():
     from triton.runtime.jit import JITFunction
     from . import attn, norm, sampler_step
 
-    launches = []
+    launches = []  # from here on this process records launches and can run no kernel: a CLI / subprocess only
     JITFunction.run = lambda self, *args, grid, warmup, **kw: launches.append((self, args, kw))
     for dtype in TYPES:
         for C, HW in GN_SHAPES:
@@ -71,7 +71,8 @@ def ptxas_info(ptx, arch):
     with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:
         f.write(ptx)
         f.flush()
-        log = subprocess.run([ptxas, '-v', f'--gpu-name=sm_{arch}a', '-o', os.devnull, f.name],
+        gpu = f'sm_{arch}a' if arch >= 90 else f'sm_{arch}'  # 'a': the arch-specific features Triton uses (wgmma)
+        log = subprocess.run([ptxas, '-v', f'--gpu-name={gpu}', '-o', os.devnull, f.name],
                              capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r'Used (\d+) registers', log).group(1))
     return regs, sum(int(n) for n in re.findall(r'(\d+) bytes spill (?:stores|loads)', log))

@@ -180,10 +180,10 @@ def test_every_mode_writes_its_outputs(run_dir, fake_fid):
 
 def test_speedrun_trains_for_its_time_budget_then_scores_once(tmp_path, fake_fid, capsys):
     args = ['--mode', 'speedrun', '--out', str(tmp_path), '--device', 'cpu', '--fid-samples', '3', '--steps', '3',
-            '--train', ' '.join(TINY) + ' --time-budget 1']
+            '--train', ' '.join(TINY) + ' --time-budget 1 --steps 5000']
     ddim.main(args)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert 1 <= ckpt['clock'] < 30 and ckpt['step'] > 1  # stopped by the clock, not by --steps
+    assert 1 <= ckpt['clock'] < 30 and 1 < ckpt['step'] < 5000  # stopped by the clock, not by --steps
     last = capsys.readouterr().out.splitlines()[-3:]
     assert last[0].startswith(f'budget 1 s | {ckpt["step"]} steps in {ckpt["clock"]:.1f} s of training | ')
     assert last[1].startswith('sampling 3 images with ddim, S = 3, eta = 1: ')
@@ -193,6 +193,8 @@ def test_speedrun_trains_for_its_time_budget_then_scores_once(tmp_path, fake_fid
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == ckpt['step']
     with pytest.raises(SystemExit, match='trained with other lr'):  # a variant must not reuse another's run
         ddim.main(args[:-1] + [args[-1] + ' --lr 1e-3'])
+    with pytest.raises(SystemExit, match='drop --ckpt'):
+        ddim.main(args + ['--ckpt', str(tmp_path / 'ckpt.pt')])
 
 
 def test_inpainting_keeps_the_known_pixels(run_dir):
