@@ -22,8 +22,9 @@ def parse_config(cls, presets=None, argv=None):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         names = dict.fromkeys(['--' + f.name.replace('_', '-'), '--' + f.name])  # --batch-size and --batch_size
-        p.add_argument(*names, dest=f.name, type=_parse_bool if f.type is bool else f.type, default=argparse.SUPPRESS,
-                       metavar=f.type.__name__.upper(), help=f'{helps.get(f.name, "")} (default: {f.default})')
+        extra = dict(type=_parse_bool, nargs='?', const=True) if f.type is bool else dict(type=f.type)  # bare --flag: 1
+        p.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
+                       help=f'{helps.get(f.name, "")} (default: {f.default})', **extra)
     given = vars(p.parse_args(argv))
     values = {f.name: f.default for f in dataclasses.fields(cls)}
     values.update(presets(dict(values, **given)) if presets else {})
@@ -42,6 +43,15 @@ def fail(msg):
     raise SystemExit(f'error: {msg}')
 
 
+def check_ranges(cfg, positive=(), nonnegative=(), unit=()):
+    """One clear error for a flag out of range: positive (> 0), nonnegative (>= 0), unit ([0, 1])."""
+    for names, ok, want in ((positive, lambda v: v > 0, '> 0'), (nonnegative, lambda v: v >= 0, '>= 0'),
+                            (unit, lambda v: 0 <= v <= 1, 'in [0, 1]')):
+        for k in names:
+            if not ok(getattr(cfg, k)):
+                fail(f'--{k.replace("_", "-")} {getattr(cfg, k)} must be {want}')
+
+
 # -----------------------------------------------------------------------------
 # Device and DDP (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK)
 
@@ -49,14 +59,17 @@ def fail(msg):
 def resolve_device(device):
     if device == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = device.split(':')[0]
+    available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    if not available.get(kind):
+        fail(f'--device {device}: ' + ('not available on this machine' if kind in available else 'unknown device') +
+             '; use --device auto, cpu' + ''.join(f', {k}' for k, v in available.items() if v and k != 'cpu'))
     return device
 
 
 def setup(device='auto'):
     """Return (device, rank, world_size); initialises the process group under torchrun."""
     device = resolve_device(device)
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        fail(f'--device {device} asked for, but torch sees no CUDA GPU; use --device cpu')
     if 'RANK' not in os.environ:
         return device, 0, 1
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
@@ -75,25 +88,56 @@ def print0(*args, **kwargs):
 
 @contextmanager
 def script_guard():
-    """Around a script's work: a data error becomes one clear line; under torchrun the ranks leave together and the
-    process group is torn down however the work ends."""
+    """Around a script's work: a data error becomes one clear line, Ctrl-C / SIGTERM outside training end the
+    process at once (exit 130) without a traceback; under torchrun the ranks leave together and the process group is
+    torn down however the work ends."""
+    old = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM (timeout, schedulers, torchrun) acts like Ctrl-C
     try:
         yield
         if dist.is_initialized():
             dist.barrier()  # leave together: gloo can abort if a peer tears down while rank 0 still writes
     except DataError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print('\ninterrupted', file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
+        signal.signal(signal.SIGTERM, old)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+class Stop(list):
+    """Truthy once Ctrl-C or SIGTERM arrived. Inside `with stop.now():` a signal raises KeyboardInterrupt at once
+    instead (for sampling and evaluation between training steps, where the state is consistent and can be saved)."""
+    urgent = False
+
+    def __call__(self, *_):
+        self.append(1)
+        if self.urgent:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def now(self):
+        if self:
+            raise KeyboardInterrupt
+        self.urgent = True
+        try:
+            yield
+        finally:
+            self.urgent = False
+
+
 @contextmanager
 def stop_requested():
-    """Inside the block Ctrl-C and SIGTERM only append to the yielded list, so a training loop can finish its step,
-    save and exit; the previous handlers are restored afterwards (in-process callers keep a working Ctrl-C)."""
-    stop = []
-    old = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Inside the block Ctrl-C and SIGTERM only mark the yielded Stop, so a training loop can finish its step, save
+    and exit; the previous handlers are restored afterwards (in-process callers keep a working Ctrl-C)."""
+    stop = Stop()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
@@ -119,6 +163,10 @@ DATASETS = {  # facts about the data, not hyperparameters
         't10k-labels-idx1-ubyte.gz': 'sha256:67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5'}),
     'cifar10': dict(size=32, channels=3, classes=10, urls=['https://www.cs.toronto.edu/~kriz/'], files={
         'cifar-10-python.tar.gz': 'md5:c58f30108f718f92721af3b95e74349a'}),
+    # NOT CIFAR-10: 5,438 train / 1,017 test images with CIFAR-10's exact pixels (../shared/data/SOURCES.md), for
+    # 32x32 RGB work where the full archive cannot be had; never report results on it as CIFAR-10 results
+    'cifar10-subset': dict(size=32, channels=3, classes=10, urls=[], files={
+        'cifar10_prefix_subset.npz': 'md5:b3056ae479cf1c6a76659f526b840e91'}),
 }
 
 
@@ -228,6 +276,9 @@ def load_dataset(name, split='train', root=None, image_size=None):
     if not (fx.exists() and fy.exists()):
         if name == 'cifar10':
             arrays = read_cifar10(archive(name, 'cifar-10-python.tar.gz', root))
+        elif name == 'cifar10-subset':
+            with np.load(archive(name, 'cifar10_prefix_subset.npz', root)) as d:
+                arrays = {s: (d[f'x_{s}'].reshape(-1, 3, 32, 32), d[f'y_{s}'].astype(np.int64)) for s in ('train', 'test')}
         else:
             arrays = {s: (read_idx(archive(name, f'{p}-images-idx3-ubyte.gz', root))[:, None],
                           read_idx(archive(name, f'{p}-labels-idx1-ubyte.gz', root)).astype(np.int64))
@@ -235,7 +286,10 @@ def load_dataset(name, split='train', root=None, image_size=None):
         for s, (x, y) in arrays.items():
             for f, a in ((cache_dir() / f'{name}-{s}-x.npy', x), (cache_dir() / f'{name}-{s}-y.npy', y)):
                 atomic_write(f, lambda fh: np.save(fh, a))
-    return torch.from_numpy(np.load(fx)), torch.from_numpy(np.load(fy))
+    try:
+        return torch.from_numpy(np.load(fx)), torch.from_numpy(np.load(fy))
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f'{fx} or {fy}: unreadable cached array ({e}); delete both and run again to rebuild them') from e
 
 
 def load_image_folder(folder, image_size):
@@ -251,14 +305,27 @@ def load_image_folder(folder, image_size):
     x = np.empty((len(files), 3, image_size, image_size), np.uint8)
     for i, f in enumerate(tqdm(files, desc=f'reading {folder}', disable=len(files) < 1000)):
         try:
-            im = Image.open(f).convert('RGB')
-        except OSError as e:
+            im = read_rgb(f)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f'{f}: cannot read this image ({e}); delete or replace it') from e
+        if max(im.size) > 4 * min(im.size):  # a centre crop would keep < 1/4 of it, and resizing a strip first is huge
+            raise DataError(f'{f}: {im.width}x{im.height} is too far from square for a centre crop; crop it by hand or '
+                            f'remove it')
         s = image_size / min(im.size)
         im = im.resize((max(image_size, round(im.width * s)), max(image_size, round(im.height * s))), Image.BICUBIC)
         left, top = (im.width - image_size) // 2, (im.height - image_size) // 2
         x[i] = np.asarray(im.crop((left, top, left + image_size, top + image_size))).transpose(2, 0, 1)
     return torch.from_numpy(x)
+
+
+def read_rgb(path):
+    """An image file as 8-bit RGB; 16-bit grey PNGs are scaled to 8 bits, not saturated as PIL's convert() does."""
+    with Image.open(path) as im:
+        if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+            a = np.asarray(im, np.float64)
+            a = a / 257 if im.mode.startswith('I;16') or a.max() > 255 else a
+            return Image.fromarray(a.round().clip(0, 255).astype(np.uint8)).convert('RGB')
+        return im.convert('RGB')
 
 
 def random_batch(x, y, batch_size, flip):
@@ -278,6 +345,8 @@ def atomic_write(path, write):
     """write(file) into a fresh temp file beside path, then rename it over path: a run killed mid-write leaves the
     old file intact, and processes writing the same file at once (DDP ranks filling a cache) never collide."""
     path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        fail(f'{path.parent} is a file, not a folder: give another --out (or $GENMODELS_CACHE)')
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
     try:
@@ -286,12 +355,59 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, permissions: the previous file is still there
+        fail(f'could not write {path} ({e.strerror or e}); the previous version, if any, is intact. Free some space '
+             f'or give another --out')
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+_claimed = {}  # run folder -> open lock file, held for the life of the process
+
+
+def claim(out):
+    """Make this process the one run writing into the folder out (call on rank 0 before writing there): a second
+    process gets a clear error instead of interleaving logs and checkpoints. The OS drops the lock when the process
+    ends, however it ends. Temp files left by a write that was killed are removed."""
+    import fcntl
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        fail(f'--out {out} is a file, not a folder: give another --out')
+    out.mkdir(parents=True, exist_ok=True)
+    if str(out.resolve()) in _claimed:
+        return
+    f = open(out / '.lock', 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        fail(f'{out} is in use by another run (pid {f.read().strip() or "?"}); wait for it to finish, stop it, or '
+             f'give another --out')
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _claimed[str(out.resolve())] = f
+    for tmp in out.glob('*.tmp'):
+        tmp.unlink()
+
+
+def nonfinite(state, prefix=''):
+    """Names of the floating-point tensors in a (nested) checkpoint dict that hold NaN or inf."""
+    if isinstance(state, dict):
+        return [n for k, v in state.items() for n in nonfinite(v, f'{prefix}{k}.')]
+    if isinstance(state, (list, tuple)):
+        return [n for i, v in enumerate(state) for n in nonfinite(v, f'{prefix}{i}.')]
+    if torch.is_tensor(state) and state.is_floating_point() and not torch.isfinite(state).all():
+        return [prefix[:-1]]
+    return []
+
+
 def save_ckpt(path, state):
+    """Atomically; a state with NaN/inf weights never replaces the last good checkpoint."""
+    if bad := nonfinite(state):
+        fail(f'not saving {path}: {", ".join(bad[:3])} hold NaN/inf (the training diverged); the last good checkpoint '
+             f'is kept. Lower --lr, or check the data')
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -300,15 +416,44 @@ def load_ckpt(path, script):
         fail(f'no checkpoint at {path}: train first, or point --out at the run folder that has ckpt.pt')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        fail(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})')
+    except Exception as e:  # the refusal of a pickle with code in it says so at its start; keep all of the reason
+        fail(f'{path} is not a readable checkpoint ({type(e).__name__}: {" ".join(str(e).split())[:600]})')
     if not isinstance(ckpt, dict) or ckpt.get('script') != script:
         fail(f'{path} was not written by {script} (script: {ckpt.get("script") if isinstance(ckpt, dict) else None})')
+    if bad := nonfinite(ckpt):
+        fail(f'{path}: {", ".join(bad[:3])} hold NaN/inf; this checkpoint is unusable, train again')
     return ckpt
 
 
+def write_samples(x, out, tag, save='png,npz'):
+    """uint8 (N, C, H, W) samples -> out/tag.npz (uint8 (N, H, W, C), key arr_0, for eval_fid.py), a folder out/tag/
+    of PNGs (emptied first, so a later FID never scores stale files) and a grid of the first 64, out/tag.png."""
+    out = Path(out)
+    if 'npz' in save:
+        atomic_write(out / f'{tag}.npz', lambda f: np.savez(f, x.permute(0, 2, 3, 1).cpu().numpy()))
+    if 'png' in save:
+        folder = out / tag
+        if folder.exists():
+            for old in folder.glob('*.png'):
+                old.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        from tqdm import tqdm
+        for i, im in enumerate(tqdm(x.cpu(), desc='writing PNGs', disable=len(x) < 1000)):
+            grid_image(im[None], 1, pad=0).save(folder / f'{i:06d}.png')
+    save_grid(x[:64], out / f'{tag}.png')
+
+
 # -----------------------------------------------------------------------------
-# Images and plots (PIL only, so plotting needs no extra dependency)
+# Images (PIL) and figures (matplotlib: axes, ticks, legends, log scales and heat maps we would otherwise draw by hand)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display needed), imported only by the modes that make figures."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({'figure.dpi': 110, 'axes.grid': True, 'grid.alpha': 0.3, 'figure.constrained_layout.use': True})
+    return plt
 
 
 def to_uint8(x):
