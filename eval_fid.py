@@ -15,7 +15,7 @@ that costs.
 Conformance (tests/test_fid.py): pool3 features within 2e-6 (relative) of pytorch-fid 0.3.0's; FID of 500 vs 500
 images within 6e-5 of pytorch-fid 0.3.0 and clean-fid 0.1.35 in each mode (CPU, fp32).
 """
-import argparse, contextlib, os, tempfile, time
+import argparse, contextlib, hashlib, os, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -178,7 +178,20 @@ def load_inception(weights=None, device='cpu'):
     if missing or unexpected:
         raise ValueError(f'{path}: not pytorch-fid\'s key layout (missing {missing[:3]}, unexpected {unexpected[:3]})')
     model = model.to(device).eval()
+    model.weights_id = weights_id(path)  # cached reference statistics are keyed by the weights that made them
     return model.to(memory_format=torch.channels_last) if torch.device(device).type == 'cuda' else model  # faster convs
+
+
+@lru_cache
+def weights_id(path):
+    """The first 12 hex digits of the weights' sha256 over the tensors only (the -nofc file and the full file with fc
+    give the same pool3 features, so they share statistics)."""
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    h = hashlib.sha256()
+    for k in sorted(k for k in sd if not k.startswith('fc.') and torch.is_tensor(sd[k])):
+        h.update(k.encode())
+        h.update(sd[k].contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 # -----------------------------------------------------------------------------
@@ -246,8 +259,7 @@ def compute_features(images, mode='pytorch-fid', device=None, model=None, batch_
 def read_image(path):
     """uint8 (H, W, 3): grayscale, palette and RGBA become RGB as pytorch-fid and clean-fid do (PIL convert('RGB'))."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert('RGB'))
+        return np.asarray(common.read_rgb(path))  # 16-bit PNGs scaled to 8 bits, not saturated
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
         raise ValueError(f'cannot read image {path} ({type(e).__name__}: {e}): delete or replace it') from None
 
@@ -261,9 +273,11 @@ def read_npz(path, mode=None):
     except Exception as e:
         raise ValueError(f'cannot read {path} as .npz ({type(e).__name__}: {e})') from None
     if 'mu' in arrays and 'sigma' in arrays:  # pytorch-fid's keys: its stats files work here and ours there
-        if mode and 'mode' in arrays and str(arrays['mode']) != mode:
-            raise ValueError(f'{path} holds statistics computed in --mode {arrays["mode"]}, not {mode}: '
-                             f'recompute them, or pass --mode {arrays["mode"]}')
+        made = str(arrays.get('mode', 'pytorch-fid'))  # a file without a mode is pytorch-fid's own: that preprocessing
+        if mode and made != mode:
+            raise ValueError(f'{path} holds statistics computed in --mode {made}' +
+                             (' (no mode key: pytorch-fid\'s own format)' if 'mode' not in arrays else '') +
+                             f', not {mode}: recompute them in --mode {mode}, or pass --mode {made}')
         return arrays['mu'], arrays['sigma']
     x = arrays.get('arr_0', next(iter(arrays.values())) if len(arrays) == 1 else None)
     if x is None or x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3, 4):
@@ -333,11 +347,34 @@ def reference_stats(spec, mode='pytorch-fid', device=None, model=None, batch_siz
         return stats
     if not is_dataset(spec):
         return stats_of(input_features(spec, mode, device, model, batch_size, fast))
-    cache = common.cache_dir() / f'fid-stats-{spec.replace(":", "-")}-{mode}.npz'
+    if model is None:
+        model = load_inception(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    cache = common.cache_dir() / f'fid-stats-{spec.replace(":", "-")}-{mode}-{model.weights_id}.npz'
     if not cache.exists():
-        mu, sigma = stats_of(input_features(spec, mode, device, model, batch_size))
-        common.atomic_write(cache, lambda f: np.savez(f, mu=mu, sigma=sigma, mode=mode))
+        x = next(image_chunks(spec))
+        t0 = time.perf_counter()
+        compute_features(x[:50], mode, model=model)
+        eta = (time.perf_counter() - t0) / 50 * len(x)
+        print(f'FID reference: Inception statistics of {spec} ({len(x)} images) on {next(model.parameters()).device}, '
+              f'about {eta / 60:.0f} min, computed once and cached in {cache}. A smaller reference (e.g. the test '
+              f'split, or a stats .npz) is quicker, but its FIDs are only comparable with each other.', flush=True)
+        mu, sigma = stats_of(compute_features(x, mode, model=model, batch_size=batch_size))
+        common.atomic_write(cache, lambda f: np.savez(f, mu=mu, sigma=sigma, mode=mode, weights=model.weights_id))
     return read_npz(cache, mode)
+
+
+class Scorer:
+    """FID of uint8 sample batches (N, C, H, W) against one reference, with the Inception loaded once: for FID during
+    training. ref: a dataset:split, folder, images or stats .npz; or images=uint8 (N, C, H, W) already in memory (an
+    image-folder dataset), whose statistics are computed here and not cached."""
+
+    def __init__(self, ref, device, mode='pytorch-fid', images=None):
+        self.model, self.mode = load_inception(device=device), mode
+        self.ref = (compute_stats(images, mode, model=self.model) if images is not None else
+                    reference_stats(ref, mode, model=self.model))
+
+    def __call__(self, x):
+        return frechet_distance(*compute_stats(x, self.mode, model=self.model), *self.ref)
 
 
 # -----------------------------------------------------------------------------
@@ -448,6 +485,10 @@ def fast_deviation(paths, mode, model, n=1000):
 
 
 def run(args):
+    if args.batch_size < 1:
+        raise ValueError(f'--batch-size {args.batch_size} must be >= 1')
+    if args.save_stats and not Path(args.save_stats).resolve().parent.is_dir():
+        raise ValueError(f'--save-stats {args.save_stats}: the folder {Path(args.save_stats).parent} does not exist')
     model = load_inception(args.weights, args.device)
     if args.bench:
         return bench(args.bench, model, args.batch_size)

@@ -148,12 +148,23 @@ if triton is not None:
 # Launchers, wrapped as torch custom ops so torch.compile sees one opaque node (no graph break)
 
 
-def _dense(x):  # NCHW or channels_last, which the kernels index with strides (sb, sc, sp); else NCHW
-    return x if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
+def _dense(x):
+    """x laid out exactly as NCHW or channels_last (copied to NCHW otherwise), its memory format, and the strides
+    (sb, sc, sp) the kernels index it with. Checked stride by stride: torch calls a tensor contiguous whatever the
+    strides of its size-1 dimensions, but the kernel addresses pixel p = h * W + w at p * sp, which needs
+    stride(H) == W * sp even when H or W is 1."""
+    B, C, H, W = x.shape
+    layouts = {torch.contiguous_format: (C * H * W, H * W, W, 1), torch.channels_last: (H * W * C, 1, W * C, C)}
+    for fmt, strides in layouts.items():
+        if all(s == t or n == 1 for s, t, n in zip(x.stride(), strides, x.shape)):
+            break
+    else:
+        fmt, strides, x = torch.contiguous_format, layouts[torch.contiguous_format], x.contiguous()
+    return x, fmt, (strides[0], strides[1], strides[3])
 
 
-def _layout(x, groups):  # x made dense, the kernel arguments, and the launch meta-parameters
-    x = _dense(x)
+def _layout(x, groups):  # x made dense, its format, the kernel arguments, and the launch meta-parameters
+    x, fmt, (sb, sc, sp) = _dense(x)
     B, C, H, W = x.shape
     assert C % groups == 0, f'channels {C} not divisible by groups {groups}'
     block_c = triton.next_power_of_2(C // groups)
@@ -161,7 +172,7 @@ def _layout(x, groups):  # x made dense, the kernel arguments, and the launch me
     block_p = triton.next_power_of_2(H * W) if single else max(1, MAX_SINGLE // 4 // block_c)
     warps = min(16, max(4, block_c * block_p // 512))
     meta = dict(BLOCK_C=block_c, BLOCK_P=block_p, SINGLE=single, num_warps=warps)
-    return x, (B, C, H * W, groups, x.stride(0), x.stride(1), x.stride(3)), meta
+    return x, fmt, (B, C, H * W, groups, sb, sc, sp), meta
 
 
 if triton is not None:
@@ -169,8 +180,9 @@ if triton is not None:
     @torch.library.custom_op('kernels::group_norm_silu_fwd', mutates_args=())
     def _fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: int, eps: float, silu: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, (B, C, HW, G, sb, sc, sp), meta = _layout(x, groups)
-        y = torch.empty_like(x)  # same strides as x
+        x, fmt, (B, C, HW, G, sb, sc, sp), meta = _layout(x, groups)
+        w, b = w.contiguous(), b.contiguous()  # the kernels read w[c], b[c] at c
+        y = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=fmt)  # the strides the kernel writes
         mean = torch.empty(B, G, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         _gn_fwd[(B * G,)](x, y, w, b, mean, rstd, C, HW, G, sb, sc, sp, eps, SILU=silu, **meta)
@@ -179,15 +191,17 @@ if triton is not None:
     @_fwd.register_fake
     def _(x, w, b, groups, eps, silu):
         mean = x.new_empty(x.shape[0], groups, dtype=torch.float32)
-        return torch.empty_like(_dense(x)), mean, torch.empty_like(mean)
+        return torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_dense(x)[1]), mean, \
+            torch.empty_like(mean)
 
     @torch.library.custom_op('kernels::group_norm_silu_bwd', mutates_args=())
     def _bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, mean: torch.Tensor,
              rstd: torch.Tensor, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, (B, C, HW, G, sb, sc, sp), meta = _layout(x, mean.shape[1])
-        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-        dy = dy.contiguous(memory_format=fmt)  # same strides as x
-        dx = torch.empty_like(x)
+        x, fmt, (B, C, HW, G, sb, sc, sp), meta = _layout(x, mean.shape[1])
+        w, b = w.contiguous(), b.contiguous()
+        if _dense(dy)[2] != (sb, sc, sp) or dy.stride() != _dense(dy)[0].stride():  # the kernel indexes dy like x
+            dy = torch.empty(x.shape, device=x.device, dtype=dy.dtype, memory_format=fmt).copy_(dy)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=fmt)
         dwp = torch.empty(B, C, device=x.device, dtype=torch.float32)
         dbp = torch.empty_like(dwp)
         _gn_bwd[(B * G,)](x, dy, dx, w, b, mean, rstd, dwp, dbp, C, HW, G, sb, sc, sp, SILU=silu, **meta)
@@ -195,7 +209,8 @@ if triton is not None:
 
     @_bwd.register_fake
     def _(dy, x, w, b, mean, rstd, silu):
-        return torch.empty_like(_dense(x)), torch.empty_like(w), torch.empty_like(b)
+        return torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_dense(x)[1]), \
+            torch.empty_like(w), torch.empty_like(b)
 
     def _setup_context(ctx, inputs, output):
         x, w, b, groups, eps, silu = inputs

@@ -76,7 +76,7 @@ if triton is not None:
 
 def _launch(coefs, x, out, z, ab_t, ab_prev, sigma, objective, clip):
     assert x.shape == out.shape and (z is None or z.shape == x.shape)
-    assert z is not None or sigma == 0, 'sigma > 0 needs noise z'
+    # z = None adds no noise whatever sigma is, as in the references (ddpm.sample's last step under --var large)
     a, b = x0_coefs(ab_t, objective)
     c0, cx = coefs(ab_t, ab_prev, sigma)
     return _step(x, out, z, a, b, c0, cx, float(sigma), bool(clip))

@@ -73,6 +73,18 @@ def test_group_norm_silu_two_pass(monkeypatch, channels_last):  # groups too big
                 torch.float32, groups=3)
 
 
+def test_group_norm_silu_odd_layouts():
+    """Size-1 dimensions with strides torch ignores when it calls a tensor contiguous, and weight/bias that are
+    strided views: both must be read where they really are."""
+    x = randn(2, 6, 1, 9).transpose(2, 3)  # (2, 6, 9, 1), strides (54, 9, 1, 9): "contiguous", pixel stride 1
+    assert x.is_contiguous() and x.stride(3) != 1
+    w, b = (1 + randn(12, seed=4))[::2], randn(12, seed=5)[1::2]  # views with stride 2
+    assert w.stride() == (2,) and b.stride() == (2,)
+    check_grads(norm.group_norm_silu_triton, norm.group_norm_silu_ref, (x, w, b), torch.float32, groups=3)
+    xc = randn(2, 6, 1, 9).to(memory_format=torch.channels_last).transpose(2, 3)  # channels_last-like, H = 9, W = 1
+    check_grads(norm.group_norm_silu_triton, norm.group_norm_silu_ref, (xc, w, b), torch.float32, groups=2)
+
+
 # -----------------------------------------------------------------------------
 # Attention
 
@@ -114,6 +126,15 @@ def test_sampler_step(sampler, objective, clip, noise):
         y = fused(*args)
         assert y.dtype == torch.float32
         torch.testing.assert_close(y, ref(*args), atol=1e-5, rtol=1e-5, msg=lambda m: f'ab_t={ab_t}: {m}')
+
+
+def test_sampler_step_ignores_sigma_without_noise():
+    """ddpm.sample passes z = None at the last step with the --var large sigma = sqrt(beta_0) > 0; the reference then
+    adds nothing, and so must the fused step (it used to assert)."""
+    x, out = randn(2, 3, 5, 7), randn(2, 3, 5, 7, seed=2)
+    for fused, ref in ((sampler_step.ddpm_step_triton, ddpm.ddpm_step), (sampler_step.ddim_step_triton, ddim.ddim_step)):
+        args = (x, out, None, 0.9999, 1.0, 0.01, 'eps', True)
+        torch.testing.assert_close(fused(*args), ref(*args), atol=1e-5, rtol=1e-5)
 
 
 # -----------------------------------------------------------------------------
