@@ -51,8 +51,7 @@ class Config:
     resume: bool = False  # continue from --out/ckpt.pt (a finished run just evaluates and samples again)
     log_every: int = 100  # steps between log lines
     ckpt_every: int = 5000  # steps between checkpoints (also at the end and on Ctrl-C / SIGTERM)
-    sample_every: int = 10000  # steps between sample grids (0: only at the end)
-    eval_every: int = 0  # steps between test-set NLL evaluations (0: only at the end)
+    sample_every: int = 10000  # steps between test NLLs and sample grids (0: only at the end)
     eval_images: int = 0  # test images (points for moons) per evaluation (0: the whole test split)
     fid_every: int = 0  # steps between FIDs of --fid-samples samples at T = 1 vs the training set (0: off)
     fid_samples: int = 10000
@@ -244,13 +243,11 @@ class ResNet(nn.Module):
 
 def mlp(ch, layers):
     """The s/t network of a moons coupling: 2 -> ch (x layers) -> (s, t); zero last layer, so y = x at first."""
-    mods = [nn.Linear(2, ch), nn.ReLU()]
-    for _ in range(layers - 1):
-        mods += [nn.Linear(ch, ch), nn.ReLU()]
-    mods.append(nn.Linear(ch, 4))
-    nn.init.zeros_(mods[-1].weight)
-    nn.init.zeros_(mods[-1].bias)
-    return nn.Sequential(*mods)
+    net = nn.Sequential(nn.Linear(2, ch), *[m for _ in range(layers - 1) for m in (nn.ReLU(), nn.Linear(ch, ch))],
+                        nn.ReLU(), nn.Linear(ch, 4))
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    return net
 
 
 class Flow(nn.Module):
@@ -372,12 +369,6 @@ def grids(flow, shape, cfg, out, tag=''):
         common.save_grid(sample(flow, 64, shape, cfg, T, g), out / f'samples{tag}_T{T}.png', nrow=8)
 
 
-def fid(flow, shape, cfg, scorer):
-    g = torch.Generator(next(flow.parameters()).device).manual_seed(cfg.seed + 1)
-    return scorer(torch.cat([sample(flow, min(cfg.sample_batch, cfg.fid_samples - i), shape, cfg, 1.0, g)
-                             for i in tqdm(range(0, cfg.fid_samples, cfg.sample_batch), desc='FID samples')]))
-
-
 # -----------------------------------------------------------------------------
 # Training
 
@@ -388,7 +379,7 @@ def check(cfg, world=1):
     common.check_ranges(cfg, positive=('ch', 'blocks', 'scales', 'couplings', 'steps', 'batch_size', 'lr', 'warmup',
                                        'grad_clip', 'log_every', 'ckpt_every', 'temperature', 'n_samples',
                                        'sample_batch', 'fid_samples'),
-                        nonnegative=('sample_every', 'eval_every', 'eval_images', 'fid_every'))
+                        nonnegative=('sample_every', 'eval_images', 'fid_every'))
     if not 0 < cfg.alpha < 0.5:
         common.fail(f'--alpha {cfg.alpha} must be in (0, 0.5)')
     size = common.DATASETS.get(cfg.dataset, {}).get('size', cfg.image_size)
@@ -456,7 +447,10 @@ def train(cfg):
             elif x.dim() == 4 and (final or (cfg.sample_every and step % cfg.sample_every == 0)):
                 grids(flow, shape, cfg, out, '' if final else f'_{step:07d}')
             if scorer and (final or step % cfg.fid_every == 0):
-                line += f' | fid{cfg.fid_samples} {fid(flow, shape, cfg, scorer):.4f}'
+                g = torch.Generator(device).manual_seed(cfg.seed + 1)
+                x_fid = torch.cat([sample(flow, min(cfg.sample_batch, cfg.fid_samples - i), shape, cfg, 1.0, g)
+                                   for i in tqdm(range(0, cfg.fid_samples, cfg.sample_batch), desc='FID samples')])
+                line += f' | fid{cfg.fid_samples} {scorer(x_fid):.4f}'
             print(line, file=log, flush=True)
         common.print0('\n' + line)
 
@@ -503,7 +497,7 @@ def train(cfg):
             if halt:
                 common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
                 raise SystemExit(130)
-            if done < cfg.steps and any(e and done % e == 0 for e in (cfg.eval_every, cfg.sample_every, cfg.fid_every)):
+            if done < cfg.steps and any(e and done % e == 0 for e in (cfg.sample_every, cfg.fid_every)):
                 try:
                     with stop.now():
                         report(done)
@@ -521,59 +515,46 @@ def train(cfg):
 # Modes
 
 
-def load_flow(cfg, device):
-    """The flow of the checkpoint in --out and the Config it was trained with (the model settings of the checkpoint)."""
-    ckpt = common.load_ckpt(Path(cfg.out) / 'ckpt.pt', 'flows')
-    mcfg = dataclasses.replace(cfg, **{k: ckpt['config'][k] for k in MODEL_KEYS})
-    flow = make_flow(mcfg, image_shape(mcfg))
-    flow.load_state_dict(ckpt['model'])
-    return flow.to(device), mcfg
-
-
 def sample_from_checkpoint(cfg):
     device, rank, _ = common.setup(cfg.device)
-    flow, mcfg = load_flow(cfg, device)
-    if mcfg.dataset == 'moons' or rank:
-        return common.print0('moons: the samples are in moons.png' if rank == 0 else '')
+    ckpt = common.load_ckpt(Path(cfg.out) / 'ckpt.pt', 'flows')
+    mcfg = dataclasses.replace(cfg, **{k: ckpt['config'][k] for k in MODEL_KEYS})  # the checkpoint's model settings
+    if mcfg.dataset == 'moons':
+        common.fail(f'{cfg.out} holds a moons flow: its samples are in {cfg.out}/moons.png')
+    shape = image_shape(mcfg)
+    flow = make_flow(mcfg, shape).to(device)
+    flow.load_state_dict(ckpt['model'])
     g = torch.Generator(device).manual_seed(cfg.seed)
-    x = torch.cat([sample(flow, min(cfg.sample_batch, cfg.n_samples - i), image_shape(mcfg), mcfg, cfg.temperature, g)
-                   for i in tqdm(range(0, cfg.n_samples, cfg.sample_batch), desc='sampling')])
-    common.write_samples(x, cfg.out, f'samples_T{cfg.temperature}', cfg.save)
-    print(f'{cfg.n_samples} samples at T = {cfg.temperature} -> {cfg.out}/samples_T{cfg.temperature}.npz / .png')
+    x = torch.cat([sample(flow, min(cfg.sample_batch, cfg.n_samples - i), shape, mcfg, cfg.temperature, g)
+                   for i in tqdm(range(0, cfg.n_samples, cfg.sample_batch), desc='sampling', disable=rank != 0)])
+    if rank == 0:
+        common.write_samples(x, cfg.out, f'samples_T{cfg.temperature}', cfg.save)
+        print(f'{cfg.n_samples} samples at T = {cfg.temperature} -> {cfg.out}/samples_T{cfg.temperature}.npz, .png')
 
 
 def bench(cfg, steps=20):
-    """Training throughput at --batch-size on random data: img/s and peak memory."""
+    """Training steps at --batch-size on random pixels (points for moons): img/s and peak memory."""
     device, _, _ = common.setup(cfg.device)
-    cuda = 'cuda' in device
-    shape = image_shape(cfg)
-    torch.manual_seed(cfg.seed)
+    cuda, shape = 'cuda' in device, image_shape(cfg)
     flow = make_flow(cfg, shape).to(device)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
     net = torch.compile(flow) if cfg.compile and cuda else flow
-    x = torch.randn(cfg.batch_size, 2, device=device) if len(shape) == 1 else \
-        torch.randint(0, 256, (cfg.batch_size, *shape), device=device) + torch.rand(cfg.batch_size, *shape, device=device)
-
-    def step():
+    x = torch.rand(cfg.batch_size, *shape, device=device) * (256 if len(shape) == 3 else 1)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    steps = steps if cuda else 5
+    for i in range(3 + steps):  # 3 warm-up steps (compilation, cuDNN autotuning), then the timed ones
+        if i == 3:
+            sync()
+            torch.cuda.reset_peak_memory_stats() if cuda else None
+            t0 = time.perf_counter()
         loss = nll(net, x, cfg.alpha).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-    steps = steps if cuda else 5
-    for _ in range(3):  # warm-up (compilation, cuDNN autotuning)
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
+    sync()
     dt = (time.perf_counter() - t0) / steps
     peak = f'peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB' if cuda else \
-        f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB'
+        f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process)'
     print(f'{torch.cuda.get_device_name() if cuda else "cpu"} | torch {torch.__version__} | batch {cfg.batch_size} | '
           f'{sum(p.numel() for p in flow.parameters()) / 1e6:.2f}M params | {1000 * dt:.1f} ms/step | '
           f'{cfg.batch_size / dt:.0f} img/s | {peak}')
