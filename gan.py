@@ -1,19 +1,15 @@
 """GAN (Goodfellow et al. 2014, arXiv:1406.2661): a generator G(z) learns to fool a discriminator D trained to tell real
-images from G's. DCGAN networks (Radford et al. 2016, arXiv:1511.06434), trained with the non-saturating loss
-(--loss bce) or as a WGAN-GP (Gulrajani et al. 2017, arXiv:1704.00028, --loss wgan-gp), and the exercises' inpainting
-GAN (--mode inpaint).
+images from G's. DCGAN networks (Radford et al. 2016, arXiv:1511.06434) with the non-saturating loss (--loss bce) or
+WGAN-GP (Gulrajani et al. 2017, arXiv:1704.00028, --loss wgan-gp), and the exercises' inpainting GAN.
 
-    python gan.py --dataset mnist                          # DCGAN + non-saturating loss, GPU preset
-    python gan.py --dataset mnist --device cpu             # CPU quick start (see the README for time and FID)
+    python gan.py --dataset mnist --device cpu             # CPU quick start (time and FID: README, gan.py section)
     python gan.py --dataset fashion-mnist --loss wgan-gp   # WGAN-GP, Alg. 1: n_critic 5, lambda 10, Adam(1e-4, 0, 0.9)
     torchrun --standalone --nproc_per_node=8 gan.py --dataset cifar10   # gradients averaged over the ranks
     python gan.py --mode sample --out runs/gan-mnist --n-samples 10000  # z ~ N(0, I), no truncation: PNGs + .npz
-    python gan.py --mode beta1 --dataset mnist             # exercise: Adam beta1 0.5 vs 0.9, all else equal
-    python gan.py --mode versus --dataset mnist --epochs 5 # exercise: BCE vs WGAN-GP after the same number of epochs
-    python gan.py --mode inpaint --dataset mnist           # exercise: inpainting with masked MSE alone vs + adversarial
+    python gan.py --mode beta1 --dataset mnist             # exercises: Adam beta1 0.5 vs 0.9; BCE vs WGAN-GP after the
+    python gan.py --mode versus --epochs 5                 # same epochs; inpainting with masked MSE alone vs + adversarial
+    python gan.py --mode inpaint                           # (each trains both runs, then compares them)
     python gan.py --mode bench --dataset cifar10           # img/s and peak memory of G+D training steps
-
-Measured: see the README (gan.py section) for the CPU quick start's time and FID, and the exercise tables.
 """
 import copy, dataclasses, json, math, re, sys, time
 from contextlib import nullcontext
@@ -156,21 +152,16 @@ def discriminator(cfg, C, H):
     return init(nn.Sequential(*layers, nn.Conv2d(c, 1, H >> LEVELS[H])))  # (B, 1, 1, 1): a logit or critic value
 
 
-def init(net):
-    for m in net.modules():  # sec. 4: "all weights were initialized from a zero-centered Normal distribution with
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):  # standard deviation 0.02"
+def init(net):  # sec. 4: "all weights were initialized from a zero-centered Normal distribution with standard
+    for m in net.modules():  # deviation 0.02"
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
     return net
 
 
-def make_models(cfg, C, H):
-    if cfg.inpaint:  # a small ddpm U-Net on (masked image, mask); 28x28 halves twice, 32x32 and 64x64 three times
-        G = ddpm.UNet(C + 1, cfg.ch, (1, 2, 2) if H == 28 else (1, 2, 2, 2), 1, (), 0.0, H)
-    else:
-        G = generator(cfg, C, H)
-    return G, discriminator(cfg, C, H)
+def make_models(cfg, C, H):  # the inpainting G: a small ddpm U-Net on (masked image, mask), halving 2 or 3 times
+    G = ddpm.UNet(C + 1, cfg.ch, (1, 2, 2) if H == 28 else (1, 2, 2, 2), 1, (), 0.0, H) if cfg.inpaint else None
+    return G or generator(cfg, C, H), discriminator(cfg, C, H)
 
 
 def image_shape(cfg):
@@ -184,7 +175,7 @@ def image_shape(cfg):
 
 @torch.no_grad()
 def generate(G, n, cfg, device, x=None):
-    """n images as uint8 (N, C, H, W); G in eval mode (batch norm uses its running statistics)."""
+    """n images as uint8 (N, C, H, W), G in eval mode (batch norm: running statistics); x: uint8 images to in-fill."""
     G.eval()
     out = []
     for i in range(0, n, cfg.sample_batch):
@@ -198,19 +189,12 @@ def generate(G, n, cfg, device, x=None):
     return torch.cat(out)
 
 
-def fixed_masks(cfg, n, size, device):
-    """The masks of generate's first batch of n test images."""
-    g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003)
-    return random_masks(min(cfg.sample_batch, n), size, device, g)
-
-
-def grid(G, cfg, device, path, x_test):
-    if cfg.inpaint:  # rows: masked input, in-filled, original (the masks of generate's first batch)
-        x = x_test[:16].to(device).float() / 127.5 - 1
-        cfg = dataclasses.replace(cfg, sample_batch=16)
-        m, filled = fixed_masks(cfg, 16, x.shape[-1], device), generate(G, 16, cfg, device, x_test)
-        return common.save_grid(torch.cat([common.to_uint8(x * (1 - m)), filled, x_test[:16].to(device)]), path, 16)
-    common.save_grid(generate(G, 64, cfg, device), path, 8)  # the same 64 z every time: mode collapse shows
+def inpaint_rows(Gs, cfg, device, x_test, n=16):
+    """Rows of n test images (uint8): masked input, each model's in-filling, the original."""
+    x = x_test[:n].to(device)
+    cfg, n = dataclasses.replace(cfg, sample_batch=len(x)), len(x)  # one batch: its masks are the ones drawn here
+    m = random_masks(n, x.shape[-1], device, torch.Generator(device).manual_seed(cfg.seed * 1_000_003))
+    return torch.cat([common.to_uint8((x / 127.5 - 1) * (1 - m)), *[generate(G, n, cfg, device, x) for G in Gs], x])
 
 
 # -----------------------------------------------------------------------------
@@ -226,10 +210,8 @@ def check(cfg, world=1):
                                        'ckpt_every', 'fid_samples', 'n_samples', 'sample_batch'),
                         nonnegative=('gp_lambda', 'epochs', 'sample_every', 'fid_every', 'adv_weight'),
                         unit=('beta1', 'beta2', 'ema'))
-    if image_shape(cfg)[1] not in LEVELS:
-        common.fail(f'--image-size {cfg.image_size}: DCGAN here is built for 28, 32 or 64')
-    if cfg.batch_size % world:
-        common.fail(f'--batch-size {cfg.batch_size} must be divisible by the {world} processes')
+    if image_shape(cfg)[1] not in LEVELS or cfg.batch_size % world:
+        common.fail(f'--image-size must be 28, 32 or 64 and --batch-size divisible by the {world} processes')
     if (cfg.inpaint or cfg.mode == 'inpaint') and (cfg.dataset not in common.DATASETS or cfg.ch % 4 or cfg.loss != 'bce'):
         common.fail('inpainting needs a dataset with a test split (mnist, fashion-mnist, cifar10), --ch a multiple of 4 '
                     'and --loss bce')
@@ -237,36 +219,34 @@ def check(cfg, world=1):
         common.fail('--ema must be < 1 and --fid-samples >= 2')
 
 
-def all_reduce_grads(params, world):
-    """Average gradients over the ranks by hand: DDP's reducer expects one backward per forward, but a GAN step runs D
-    several times and the gradient penalty differentiates D twice."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world > 1 and grads:
+def backward_step(loss, net, opt, world):
+    """Backward, gradients averaged over the ranks by hand (DDP's reducer wants one backward per forward, but a GAN step
+    runs D several times and the gradient penalty differentiates it twice), optimizer step; returns the gradient norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if world > 1:
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
         for g, f in zip(grads, (flat / world).split([g.numel() for g in grads])):
             g.copy_(f.view_as(g))
-
-
-def grad_norm(net):
-    return nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
+    opt.step()
+    return nn.utils.get_total_norm(grads)
 
 
 def train(cfg):
     device, rank, world = common.setup(cfg.device)
     check(cfg, world)
     out = Path(cfg.out)
-    x, _ = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None, cfg.image_size)
-    x = x.to(device)  # the whole uint8 dataset lives on the device
+    x = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None, cfg.image_size)[0].to(device)  # all of it
     x_test = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None)[0] if cfg.inpaint else None
-    C, H = x.shape[1], x.shape[2]
+    C, H, B = x.shape[1], x.shape[2], cfg.batch_size // world
     if cfg.epochs:  # an epoch: D's real batches cover the training set once
         cfg = dataclasses.replace(cfg, steps=max(1, round(cfg.epochs * len(x) / (cfg.batch_size * cfg.n_critic))))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     G, D = (net.to(device) for net in make_models(cfg, C, H))
     ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema else G
-    opt_g = torch.optim.Adam(G.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_g, opt_d = (torch.optim.Adam(n.parameters(), cfg.lr, betas=(cfg.beta1, cfg.beta2)) for n in (G, D))
     if rank == 0:
         common.claim(out)
     start = 0
@@ -280,20 +260,18 @@ def train(cfg):
         start = ckpt['step']
     elif (out / 'ckpt.pt').exists():
         common.fail(f'{out}/ckpt.pt exists: pass --resume 1 to continue it, or another --out')
-    common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | {"U-Net" if cfg.inpaint else "G"} '
-                  f'{sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M'
-                  f' parameters | {cfg.loss} | steps {start} -> {cfg.steps}')
+    size = lambda net: f'{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M'
+    common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | {"U-Net" if cfg.inpaint else "G"} {size(G)}, '
+                  f'D {size(D)} parameters | {cfg.loss} | steps {start} -> {cfg.steps}')
     if start >= cfg.steps:
         common.print0(f'{out}/ckpt.pt already reached step {start}: nothing to train (raise --steps to go on)')
         return G, D, None
     if rank == 0:
         (out / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    scorer = None
     if cfg.fid_every and rank == 0:
         import eval_fid  # only runs that ask for FID pay for the Inception network
-        scorer = eval_fid.Scorer(cfg.fid_ref or f'{cfg.dataset}:train', device)
-    adversarial = not cfg.inpaint or cfg.adv_weight > 0  # inpainting with MSE alone trains no D
-    B = cfg.batch_size // world
+        scorer = eval_fid.Scorer(cfg.fid_ref or f'{cfg.dataset}:train', device,  # a folder: its images in memory
+                                 images=None if cfg.fid_ref or cfg.dataset in common.DATASETS else x)
 
     def fakes(xb):  # G's images for a real batch: G(z), or xb in-filled in random masks (then also the masks)
         if not cfg.inpaint:
@@ -310,87 +288,75 @@ def train(cfg):
     with common.stop_requested() as stop, open(out / 'log.txt', 'a') if rank == 0 else nullcontext() as log:
         t0, last = time.perf_counter(), start
         pbar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-        for step in range(start, cfg.steps):
-            torch.manual_seed((cfg.seed * 1000 + rank) * 10 ** 9 + step)  # batches, z, masks, eps: exact on resume
-            done = step + 1
-            log_now = done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or done == cfg.steps
-            zero = torch.zeros((), device=device)
-            loss_d = d_real = d_fake = gnorm_d = zero
-            for _ in range(cfg.n_critic if adversarial else 0):  # Gulrajani Alg. 1 lines 2-9 (n_critic 1: DCGAN)
+        try:
+            for step in range(start, cfg.steps):
+                torch.manual_seed((cfg.seed * 1000 + rank) * 10 ** 9 + step)  # batches, z, masks, eps: exact on resume
+                for _ in range(cfg.n_critic):  # Gulrajani Alg. 1 lines 2-9 (n_critic = 1: the DCGAN step)
+                    xb = common.random_batch(x, None, B, cfg.flip)[0]
+                    with torch.no_grad():
+                        fake = fakes(xb)[0]
+                    loss_d, d_real, d_fake = d_loss_fn(D, xb, fake, cfg)
+                    gnorm_d = backward_step(loss_d, D, opt_d, world)
                 xb = common.random_batch(x, None, B, cfg.flip)[0]
-                with torch.no_grad():
-                    fake = fakes(xb)[0]
-                loss_d, d_real, d_fake = d_loss_fn(D, xb, fake, cfg)
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                all_reduce_grads(D.parameters(), world)
-                gnorm_d = grad_norm(D) if log_now else zero
-                opt_d.step()
-            xb = common.random_batch(x, None, B, cfg.flip)[0]
-            fake, m = fakes(xb)
-            D.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
-            loss_g = g_loss_fn(D(fake), cfg) if adversarial else zero
-            D.requires_grad_(True)
-            if cfg.inpaint:  # masked squared error, averaged over the masked pixels, plus the weighted adversarial term
-                mse = ((fake - xb) ** 2 * m).sum() / (m.sum() * C)
-                loss_g = mse + cfg.adv_weight * loss_g
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            all_reduce_grads(G.parameters(), world)
-            gnorm_g = grad_norm(G) if log_now else zero
-            opt_g.step()
-            if cfg.ema:
-                with torch.no_grad():  # EMA with a warm-up, so short runs are not dominated by the random init
-                    torch._foreach_lerp_(list(ema.parameters()), list(G.parameters()),
-                                         1 - min(cfg.ema, (1 + step) / (10 + step)))
-                    for b_ema, b in zip(ema.buffers(), G.buffers()):  # batch norm statistics: G's own
-                        b_ema.copy_(b)
-            pbar.update()
-            if world > 1 and done % cfg.log_every == 0:  # ranks agree on stopping, so none waits in a collective forever
-                flag = torch.tensor([float(bool(stop))], device=device)
-                dist.all_reduce(flag, dist.ReduceOp.MAX)
-                stop[:] = [1] * bool(flag)
-            if log_now:
-                stats = {'loss D': loss_d, 'loss G': loss_g, 'D(x)': d_real, 'D(G(z))': d_fake, '|grad D|': gnorm_d,
-                         '|grad G|': gnorm_g}
-                if cfg.loss == 'wgan-gp':  # the critic's estimate of the Wasserstein distance
-                    stats['W'] = d_real - d_fake
-                if cfg.inpaint:
-                    stats['mse'] = mse
-                stats = {k: v.item() for k, v in stats.items()}  # the only host sync of the loop
-                if not all(map(math.isfinite, stats.values())):
-                    common.fail(f'non-finite loss at step {done} ({stats}): lower --lr, or check the data')
-                dt = time.perf_counter() - t0
-                pbar.set_postfix({k: f'{v:.3g}' for k, v in list(stats.items())[:4]})
-                if log:
-                    print(f'step {done} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in stats.items()) +
-                          f' | ms/step {1000 * dt / (done - last):.1f} | img/s {(done - last) * cfg.batch_size / dt:.0f}',
-                          file=log, flush=True)
-            halt = bool(stop) and (world == 1 or done % cfg.log_every == 0)
-            do_grid = (cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps
-            do_fid = cfg.fid_every and (done % cfg.fid_every == 0 or done == cfg.steps)
-            if halt or done % cfg.ckpt_every == 0 or done == cfg.steps:
-                save(done)
-            if halt:
-                common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
-                raise SystemExit(130)
-            if rank == 0 and (do_grid or do_fid):
-                try:
-                    with stop.now():  # a signal here stops at once; the state is consistent: save it
-                        if do_grid:
-                            grid(ema, cfg, device, out / f'samples_{done:07d}.png', x_test)
-                        if do_fid:
+                fake, m = fakes(xb)
+                D.requires_grad_(False)  # G's step needs gradients through D, not for D's weights
+                loss_g = g_loss_fn(D(fake), cfg)
+                D.requires_grad_(True)
+                if cfg.inpaint:  # masked squared error (mean over the masked pixels) + the weighted adversarial loss
+                    mse = ((fake - xb) ** 2 * m).sum() / (m.sum() * C)  # (--adv-weight 0: D still trains, as a monitor)
+                    loss_g = mse + cfg.adv_weight * loss_g
+                gnorm_g = backward_step(loss_g, G, opt_g, world)
+                if cfg.ema:
+                    with torch.no_grad():  # EMA with a warm-up, so short runs are not dominated by the random init
+                        torch._foreach_lerp_(list(ema.parameters()), list(G.parameters()),
+                                             1 - min(cfg.ema, (1 + step) / (10 + step)))
+                        torch._foreach_copy_(list(ema.buffers()), list(G.buffers()))  # batch-norm statistics: G's own
+                pbar.update()
+                done = step + 1
+                if world > 1 and done % cfg.log_every == 0:  # ranks agree on stopping, so none waits in a collective forever
+                    flag = torch.tensor([float(bool(stop))], device=device)
+                    dist.all_reduce(flag, dist.ReduceOp.MAX)
+                    stop[:] = [1] * bool(flag)
+                halt = bool(stop) and (world == 1 or done % cfg.log_every == 0)
+                final, do_ckpt = done == cfg.steps, halt or done % cfg.ckpt_every == 0 or done == cfg.steps
+                if done % cfg.log_every == 0 or do_ckpt:
+                    stats = {'loss D': loss_d, 'loss G': loss_g, 'D(x)': d_real, 'D(G(z))': d_fake, '|grad D|': gnorm_d,
+                             '|grad G|': gnorm_g, **({'W': d_real - d_fake} if cfg.loss == 'wgan-gp' else {}),
+                             **({'mse': mse} if cfg.inpaint else {})}  # W: the critic's Wasserstein estimate
+                    stats = {k: v.item() for k, v in stats.items()}  # the only host sync of the loop
+                    if not all(map(math.isfinite, stats.values())):
+                        common.fail(f'non-finite loss at step {done} ({stats}): lower --lr, or check the data')
+                    dt = time.perf_counter() - t0
+                    pbar.set_postfix({k: f'{v:.3g}' for k, v in list(stats.items())[:4]})
+                    if log:
+                        print(f'step {done} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in stats.items()) +
+                              f' | ms/step {1000 * dt / (done - last):.1f} | img/s {(done - last) * cfg.batch_size / dt:.0f}',
+                              file=log, flush=True)
+                if halt:
+                    raise KeyboardInterrupt  # -> save and exit 130, below
+                if do_ckpt:
+                    save(done)
+                do_grid = (cfg.sample_every and done % cfg.sample_every == 0) or final
+                if rank == 0 and (do_grid or (cfg.fid_every and (done % cfg.fid_every == 0 or final))):
+                    with stop.now():  # a signal during sampling or FID stops at once; the state is consistent: save it
+                        if do_grid:  # the same 64 z every time, so mode collapse shows
+                            imgs = inpaint_rows([ema], cfg, device, x_test) if cfg.inpaint else generate(ema, 64, cfg, device)
+                            common.save_grid(imgs, out / f'samples_{done:07d}.png', 16 if cfg.inpaint else 8)
+                        if cfg.fid_every and (done % cfg.fid_every == 0 or final):
                             score = scorer(generate(ema, cfg.fid_samples, cfg, device, x_test))
                             common.print0(f'\nstep {done} | FID-{cfg.fid_samples} {score:.2f}')
                             print(f'step {done} | fid{cfg.fid_samples} {score:.4f}', file=log, flush=True)
-                except KeyboardInterrupt:
-                    save(done)
-                    common.print0(f'\nstopped at step {done}; checkpoint saved (continue with --resume 1)')
-                    raise SystemExit(130) from None
-            if log_now:
-                t0, last = time.perf_counter(), done  # timings exclude checkpoints, grids and FID
+                            plot_logs({cfg.loss: out}, out / 'curves.png', out.name)
+                if done % cfg.log_every == 0 or do_ckpt:
+                    t0, last = time.perf_counter(), done  # timings exclude checkpoints, grids and FID
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: at a step boundary, or at once during sampling and FID
+            save(done)
+            common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
+            raise SystemExit(130) from None
         pbar.close()
-    common.print0(f'done: step {done} -> {out}/ckpt.pt, {out}/samples_{done:07d}.png, {out}/log.txt')
+    if rank == 0:
+        plot_logs({cfg.loss: out}, out / 'curves.png', out.name)
+    common.print0(f'done: step {done} -> {out}/ckpt.pt, samples_{done:07d}.png, log.txt, curves.png')
     return G, D, stats
 
 
@@ -403,7 +369,7 @@ def load_generator(out, device):
     cfg = Config(**{k: v for k, v in ckpt['config'].items() if k in Config.__dataclass_fields__})
     G = make_models(cfg, *image_shape(cfg))[0]
     G.load_state_dict(ckpt['ema'])
-    return G.to(device).eval(), cfg
+    return G.to(device), cfg
 
 
 def sample(cfg):
@@ -417,12 +383,11 @@ def sample(cfg):
 
 
 def read_log(path):
-    """{series: (steps, values)} from a log.txt; fid<N> lines become 'FID'."""
+    """{series: (steps, values)} from a log.txt; the fid<N> lines are 'FID'."""
     series = {}
     for line in Path(path).read_text().splitlines():
         step, *fields = line.split(' | ')
-        for f in fields:
-            key, value = f.rsplit(' ', 1)
+        for key, value in (f.rsplit(' ', 1) for f in fields):
             s = series.setdefault('FID' if re.fullmatch(r'fid\d+', key) else key, ([], []))
             s[0].append(int(step.split()[1]))
             s[1].append(float(value))
@@ -433,17 +398,15 @@ def plot_logs(runs, path, title):
     """Losses, D outputs, gradient norms and FID against steps for each run (label -> folder)."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    panels = [('loss', ['loss D', 'loss G', 'mse'], False), ('D output', ['D(x)', 'D(G(z))', 'W'], False),
-              ('gradient norm', ['|grad D|', '|grad G|'], True), ('FID', ['FID'], True)]
-    for ax, (name, keys, logy) in zip(axes, panels):
+    panels = [('loss', ['loss D', 'loss G', 'mse'], 'linear'), ('D output', ['D(x)', 'D(G(z))', 'W'], 'linear'),
+              ('gradient norm', ['|grad D|', '|grad G|'], 'log'), ('FID', ['FID'], 'log')]
+    for ax, (name, keys, scale) in zip(axes, panels):
         for i, (label, folder) in enumerate(runs.items()):
             logs = read_log(Path(folder) / 'log.txt')
             for j, k in enumerate(k for k in keys if k in logs):
-                ax.plot(*logs[k], color=f'C{i}', ls=['-', '--', ':'][j], marker='o' if k == 'FID' else None,
-                        label=f'{label}: {k}')
-        ax.set(title=f'{title}: {name}', xlabel='generator step', ylabel=name, yscale='log' if logy else 'linear')
-        if ax.lines:
-            ax.legend(fontsize=7)
+                ax.plot(*logs[k], f'C{i}', ls=['-', ':', '--'][j], marker='o' * (k == 'FID'), label=f'{label}: {k}')
+        ax.set(title=f'{title}: {name}', xlabel='generator step', ylabel=name, yscale=scale)
+        ax.legend(fontsize=7) if ax.lines else None
     fig.savefig(path)
     plt.close(fig)
 
@@ -451,63 +414,48 @@ def plot_logs(runs, path, title):
 def study(cfg, argv):
     """Train each run of STUDIES[cfg.mode] into out/<label> with all other flags equal, then compare them."""
     out, runs = Path(cfg.out), {}
-    for label, flags in STUDIES[cfg.mode]:
+    for label, flags in STUDIES[cfg.mode]:  # FID at least at the end of each run
         sub = common.parse_config(Config, presets, argv + flags + ['--mode', 'train', '--out', str(out / label),
-                                                                   '--fid-every', str(cfg.fid_every or 10 ** 9)])  # FID at least at the end
+                                                                   '--fid-every', str(cfg.fid_every or 10 ** 9)])
         check(sub)
         train(sub)
         runs[label] = sub.out
     plot_logs(runs, out / f'{cfg.mode}.png', cfg.mode)
-    rows = []
-    for label, folder in runs.items():
-        fid = read_log(Path(folder) / 'log.txt').get('FID', ([None], [float('nan')]))
-        rows.append(f'{label:10s} | steps {fid[0][-1]} | FID-{cfg.fid_samples} {fid[1][-1]:.2f}')
-    if cfg.mode == 'inpaint':  # masked-region MSE on test images (FID above: in-filled test images)
+    rows = [(lambda fid: f'{label:10s} | steps {fid[0][-1]} | FID-{cfg.fid_samples} {fid[1][-1]:.2f}')(
+        read_log(Path(folder) / 'log.txt')['FID']) for label, folder in runs.items()]
+    if cfg.mode == 'inpaint':  # masked-region MSE of in-filled test images (FID above: the same images)
         device = common.resolve_device(cfg.device)
         x_test = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None)[0][:cfg.fid_samples]
-        filled = {label: generate(load_generator(f, device)[0], len(x_test), cfg, device, x_test).cpu()
-                  for label, f in runs.items()}
-        k = x_test.shape[-1] // 2
-        for i, (label, x) in enumerate(filled.items()):
-            mse = ((x.float() - x_test.float()) / 127.5).pow(2).sum() / (x.numel() / x.shape[-1] ** 2 * k * k)
-            rows[i] += f' | masked MSE {mse:.4f} (on [-1, 1], {len(x_test)} test images)'
-        m = fixed_masks(cfg, len(x_test), x_test.shape[-1], device)[:12].cpu()
-        strips = [common.to_uint8((x_test[:12].float() / 127.5 - 1) * (1 - m))] + [x[:12] for x in filled.values()]
-        plt = common.pyplot()
-        fig, axes = plt.subplots(len(strips) + 1, 1, figsize=(12, 1.3 * (len(strips) + 1)))
-        for ax, img, name in zip(axes, strips + [x_test[:12]], ['masked input', *filled, 'original']):
-            ax.imshow(common.grid_image(img, 12), cmap='gray')
-            ax.set(xticks=[], yticks=[], ylabel=name)
-        axes[0].set_title('inpainting test images: masked MSE alone vs MSE + adversarial')
-        fig.savefig(out / 'inpaint_test.png')
-        plt.close(fig)
+        Gs = [load_generator(folder, device)[0] for folder in runs.values()]
+        for i, G in enumerate(Gs):  # the error is 0 on the known pixels, a quarter of them is masked
+            err = (generate(G, len(x_test), cfg, device, x_test).cpu().float() - x_test.float()) / 127.5
+            rows[i] += f' | masked MSE {err.pow(2).sum() / (err.numel() / 4):.4f} ([-1, 1], {len(x_test)} test images)'
+        common.save_grid(inpaint_rows(Gs, cfg, device, x_test), out / 'inpaint_test.png', 16)
     (out / f'{cfg.mode}.txt').write_text('\n'.join(rows) + '\n')
-    print('\n'.join(rows) + f'\nfigures: {out}/{cfg.mode}.png' + (f', {out}/inpaint_test.png' if cfg.mode == 'inpaint' else ''))
+    print('\n'.join(rows) + f'\nwrote {out}/{cfg.mode}.txt, {cfg.mode}.png' + ', inpaint_test.png' * (cfg.mode == 'inpaint'))
 
 
 def bench(cfg, steps=30):
-    """Training throughput: train() for `steps` steps in a temporary folder on the real data; img/s (images G makes
-    per second, each G step with its n_critic D steps) over the last third, and peak memory (with the uint8 dataset)."""
+    """img/s (G's images per second; each G step with its n_critic D steps) and peak memory: train() on the real data
+    in a temporary folder, timed over the last third of the steps."""
     import tempfile
     cuda = 'cuda' in common.resolve_device(cfg.device)
     steps = steps if cuda else 6
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats() if cuda else None
     with tempfile.TemporaryDirectory() as tmp:
         train(dataclasses.replace(cfg, mode='train', out=tmp, steps=steps, log_every=steps // 3, ckpt_every=steps,
                                   sample_every=0, fid_every=0, resume=False, epochs=0))
-        last = read_log(Path(tmp) / 'log.txt')
-    name = torch.cuda.get_device_name() if cuda else 'cpu'
-    peak = f'{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB' if cuda else 'n/a on CPU'
-    print(f'{name} | torch {torch.__version__} | {cfg.loss}, n_critic {cfg.n_critic}, batch {cfg.batch_size}, ch {cfg.ch}')
-    print(f'{last["ms/step"][1][-1]:.1f} ms/step | {last["img/s"][1][-1]:.0f} img/s | peak memory {peak}')
+        log = read_log(Path(tmp) / 'log.txt')
+    print(f'{torch.cuda.get_device_name() if cuda else "cpu"} | torch {torch.__version__} | {cfg.loss}, n_critic '
+          f'{cfg.n_critic}, batch {cfg.batch_size}, ch {cfg.ch} | {log["ms/step"][1][-1]:.1f} ms/step | '
+          f'{log["img/s"][1][-1]:.0f} img/s | peak memory ' +
+          (f'{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (with the uint8 dataset)' if cuda else 'n/a on CPU'))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = common.parse_config(Config, presets, argv)
-    study_suffix = f'-{cfg.mode}' if cfg.mode in STUDIES else ''
-    cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/gan-{Path(cfg.dataset).name}{study_suffix}')
+    cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/gan-{Path(cfg.dataset).name}' + f'-{cfg.mode}' * (cfg.mode in STUDIES))
     check(cfg)
     with common.script_guard():
         if cfg.mode in STUDIES:

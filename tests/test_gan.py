@@ -166,7 +166,7 @@ def fake_scorer(monkeypatch):
     scored = []
 
     class Scorer:
-        def __init__(self, ref, device):
+        def __init__(self, ref, device, images=None):
             self.ref = ref
 
         def __call__(self, x):
@@ -190,7 +190,8 @@ def test_inpaint_study_trains_both_and_writes_figure_and_metrics(tmp_path, fake_
     rows = (tmp_path / 'inpaint.txt').read_text().splitlines()
     assert [r.split()[0] for r in rows] == ['mse', 'mse+adv'] and all('masked MSE' in r for r in rows)
     assert (tmp_path / 'inpaint_test.png').exists() and (tmp_path / 'inpaint.png').exists()
-    assert torch.load(tmp_path / 'mse' / 'ckpt.pt', weights_only=True)['opt_d']['state'] == {}  # MSE alone: no D
+    logs = gan.read_log(tmp_path / 'mse' / 'log.txt')
+    assert logs['loss G'] == logs['mse'] and 'D(x)' in logs  # MSE alone: D is trained, but only watches
     assert torch.load(tmp_path / 'mse+adv' / 'ckpt.pt', weights_only=True)['config']['adv_weight'] > 0
 
 
