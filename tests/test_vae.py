@@ -174,3 +174,28 @@ def test_checkpoint_refuses_other_data(tmp_path):
     model, _ = vae.load_autoencoder(tmp_path / 'ckpt.pt')
     with pytest.raises(SystemExit, match=r'this model takes 1x28x28 images \(mnist\); got 3x32x32'):
         model.encode(torch.zeros(1, 3, 32, 32))
+
+
+def _ddp_worker(rank, port, out):
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, _ = vae.train(vae.common.parse_config(vae.Config, vae.presets, TINY + ['--out', out, '--steps', '3']))
+    torch.save(model.state_dict(), f'{out}/rank{rank}.pt')
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_keep_replicas_identical(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    init = vae.VAE(vae.common.parse_config(vae.Config, vae.presets, TINY), 1, 28).state_dict()
+    assert any(not torch.equal(r0[k], init[k]) for k in r0)  # it trained ...
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k  # ... and the ranks, fed different batches, agree exactly
+    assert (tmp_path / 'eval.json').exists()
