@@ -44,7 +44,7 @@ class Config:
     steps: int = 100000  # optimizer steps
     batch_size: int = 64  # global batch, split evenly across ranks
     lr: float = 1e-3  # Adam learning rate
-    warmup: int = 1000  # linear learning-rate warm-up steps
+    warmup: int = 1000  # linear learning-rate warm-up steps, then a cosine decay to 0 at --steps
     grad_clip: float = 100.0  # max global gradient norm
     flip: bool = False  # random horizontal flips
     compile: bool = True  # torch.compile the flow for training (CUDA only)
@@ -67,7 +67,7 @@ PRESETS = {  # applied below explicit flags; keyed by dataset, then 'cpu' on top
                   sample_every=0, sample_batch=5000),
     'mnist': dict(scales=3),
     'cifar10': dict(scales=3, flip=True),
-    'cpu': dict(ch=32, blocks=1, steps=6000, batch_size=64, warmup=200, log_every=100, ckpt_every=1000,
+    'cpu': dict(ch=32, blocks=1, steps=7500, batch_size=64, warmup=200, log_every=100, ckpt_every=1000,
                 sample_every=0, compile=False),
 }
 PRESETS['fashion-mnist'], PRESETS['cifar10-subset'] = PRESETS['mnist'], PRESETS['cifar10']
@@ -89,14 +89,16 @@ def two_moons(n, generator, noise=0.05):
     """n points on two interleaved half circles plus Gaussian noise (what scikit-learn's make_moons draws)."""
     theta = math.pi * torch.rand(n, generator=generator)
     upper = torch.rand(n, generator=generator) < 0.5
-    x = torch.stack([torch.where(upper, theta.cos(), 1 - theta.cos()), torch.where(upper, theta.sin(), 0.5 - theta.sin())], 1)
-    return x + noise * torch.randn(n, 2, generator=generator)
+    x1 = torch.where(upper, theta.cos(), 1 - theta.cos())
+    x2 = torch.where(upper, theta.sin(), 0.5 - theta.sin())
+    return torch.stack([x1, x2], 1) + noise * torch.randn(n, 2, generator=generator)
 
 
 def load(cfg, split):
     """moons: float (N, 2), 20k train / 5k held-out points fixed by --seed; images: uint8 (N, C, H, W)."""
     if cfg.dataset == 'moons':
-        return two_moons(20000 if split == 'train' else 5000, torch.Generator().manual_seed(2 * cfg.seed + (split == 'test')))
+        g = torch.Generator().manual_seed(2 * cfg.seed + (split == 'test'))
+        return two_moons(20000 if split == 'train' else 5000, g)
     x = common.load_dataset(cfg.dataset, split, cfg.data_dir or None, cfg.image_size)[0]
     if cfg.dataset not in common.DATASETS:  # an image folder has no test split: hold out its last 10%
         cut = len(x) - max(1, len(x) // 10)
@@ -283,7 +285,8 @@ def make_flow(cfg, shape):
     before every coupling; the last scale is 4 checkerboard couplings."""
     if len(shape) == 1:
         masks = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-        return Flow([[m for k in range(cfg.couplings) for m in (ActNorm(2), Coupling(masks[k % 2], mlp(cfg.ch, cfg.blocks), 2))]])
+        return Flow([[m for k in range(cfg.couplings)
+                      for m in (ActNorm(2), Coupling(masks[k % 2], mlp(cfg.ch, cfg.blocks), 2))]])
     C, H, W = shape
     step = lambda mask, C: [ActNorm(C), Coupling(mask, ResNet(C + 1, cfg.ch, 2 * C, cfg.blocks), C)]
     checker = lambda H, W, k: ((torch.arange(H)[:, None] + torch.arange(W) + k) % 2).float().view(1, 1, H, W)
@@ -294,7 +297,7 @@ def make_flow(cfg, shape):
         if not last:
             layers.append(Squeeze())
             C, H, W = 4 * C, H // 2, W // 2
-            half = lambda k: (torch.arange(C) % 2 == k).float().view(1, C, 1, 1)  # interleaved: halves of each 2x2 block
+            half = lambda k: (torch.arange(C) % 2 == k).float().view(1, C, 1, 1)  # left / right column of each block
             layers += [m for k in range(3) for m in step(half(k % 2), C)]
             C //= 2  # the other half is factored out
         scales.append(layers)
@@ -330,7 +333,8 @@ def sample(flow, n, shape, cfg, temperature, generator):
     x = flow.inverse(zs)
     if len(shape) == 1:
         return x
-    return ((torch.sigmoid(x) - cfg.alpha) / (1 - 2 * cfg.alpha) * 256).nan_to_num().floor().clamp(0, 255).to(torch.uint8)
+    pixels = (torch.sigmoid(x) - cfg.alpha) / (1 - 2 * cfg.alpha) * 256  # logit_preprocess undone
+    return pixels.nan_to_num().floor().clamp(0, 255).to(torch.uint8)
 
 
 @torch.no_grad()
@@ -362,11 +366,17 @@ def moons_figure(flow, x_test, test_nll, cfg, path):
     plt.close(fig)
 
 
+def sample_many(flow, n, shape, cfg, temperature, seed, desc='sampling'):
+    """n images in batches of --sample-batch, from one generator seeded with seed."""
+    g = torch.Generator(next(flow.parameters()).device).manual_seed(seed)
+    return torch.cat([sample(flow, min(cfg.sample_batch, n - i), shape, cfg, temperature, g)
+                      for i in tqdm(range(0, n, cfg.sample_batch), desc=desc, disable=n <= cfg.sample_batch)])
+
+
 def grids(flow, shape, cfg, out, tag=''):
     """64 samples at T = 1.0 and 0.7 from the same fixed z (scaled), comparable across training."""
     for T in (1.0, 0.7):
-        g = torch.Generator(next(flow.parameters()).device).manual_seed(cfg.seed)
-        common.save_grid(sample(flow, 64, shape, cfg, T, g), out / f'samples{tag}_T{T}.png', nrow=8)
+        common.save_grid(sample_many(flow, 64, shape, cfg, T, cfg.seed), out / f'samples{tag}_T{T}.png', nrow=8)
 
 
 # -----------------------------------------------------------------------------
@@ -419,8 +429,8 @@ def train(cfg):
     else:
         data_init(flow, x[torch.randint(len(x), (512,), device=device)] if x.dim() == 2 else
                   dequantise(x[torch.randint(len(x), (512,), device=device)]), cfg.alpha)
-    common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | flow {sum(p.numel() for p in flow.parameters()) / 1e6:.2f}M '
-                  f'parameters | steps {start} -> {cfg.steps}')
+    common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | flow '
+                  f'{sum(p.numel() for p in flow.parameters()) / 1e6:.2f}M parameters | steps {start} -> {cfg.steps}')
     if rank == 0:
         (out / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     cuda = 'cuda' in device
@@ -447,9 +457,7 @@ def train(cfg):
             elif x.dim() == 4 and (final or (cfg.sample_every and step % cfg.sample_every == 0)):
                 grids(flow, shape, cfg, out, '' if final else f'_{step:07d}')
             if scorer and (final or step % cfg.fid_every == 0):
-                g = torch.Generator(device).manual_seed(cfg.seed + 1)
-                x_fid = torch.cat([sample(flow, min(cfg.sample_batch, cfg.fid_samples - i), shape, cfg, 1.0, g)
-                                   for i in tqdm(range(0, cfg.fid_samples, cfg.sample_batch), desc='FID samples')])
+                x_fid = sample_many(flow, cfg.fid_samples, shape, cfg, 1.0, cfg.seed + 1, 'FID samples')
                 line += f' | fid{cfg.fid_samples} {scorer(x_fid):.4f}'
             print(line, file=log, flush=True)
         common.print0('\n' + line)
@@ -460,7 +468,8 @@ def train(cfg):
         for step in range(start, cfg.steps):
             torch.manual_seed((cfg.seed * 1000 + rank) * 10 ** 9 + step)  # batch and dequantisation: exact on resume
             for group in opt.param_groups:
-                group['lr'] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+                decay = (1 + math.cos(math.pi * step / cfg.steps)) / 2
+                group['lr'] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * decay
             xb = x[torch.randint(len(x), (cfg.batch_size // world,), device=device)]
             if x.dim() == 4:
                 xb = dequantise(xb)
@@ -524,10 +533,8 @@ def sample_from_checkpoint(cfg):
     shape = image_shape(mcfg)
     flow = make_flow(mcfg, shape).to(device)
     flow.load_state_dict(ckpt['model'])
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    x = torch.cat([sample(flow, min(cfg.sample_batch, cfg.n_samples - i), shape, mcfg, cfg.temperature, g)
-                   for i in tqdm(range(0, cfg.n_samples, cfg.sample_batch), desc='sampling', disable=rank != 0)])
-    if rank == 0:
+    if rank == 0:  # under torchrun the other ranks have nothing to do
+        x = sample_many(flow, cfg.n_samples, shape, mcfg, cfg.temperature, cfg.seed)
         common.write_samples(x, cfg.out, f'samples_T{cfg.temperature}', cfg.save)
         print(f'{cfg.n_samples} samples at T = {cfg.temperature} -> {cfg.out}/samples_T{cfg.temperature}.npz, .png')
 

@@ -1,5 +1,5 @@
 """flows.py: exact inverses and log-determinants, bits/dim by hand, the moons density, train/resume/sample, errors."""
-import math, os, signal, socket, subprocess, sys, time
+import contextlib, math, os, signal, socket, subprocess, sys, time
 
 import numpy as np
 import pytest
@@ -120,9 +120,22 @@ def test_train_then_sample_writes_grids_checkpoint_and_npz(tmp_path):
     assert x.shape == (5, 28, 28, 1) and x.dtype == np.uint8 and x.std() > 0
 
 
-def test_resume_is_bit_identical(tmp_path):
+class StopAfter3(flows.common.Stop):
+    """A Ctrl-C that arrives during step 3 (the loop asks `if stop` once per step)."""
+    asked = 0
+
+    def __bool__(self):
+        self.asked += 1
+        return self.asked >= 3
+
+
+def test_resume_is_bit_identical(tmp_path, monkeypatch):
     _, loss_a = run(tmp_path / 'a', '--steps', '4')
-    run(tmp_path / 'b', '--steps', '3')  # "interrupted" after step 3
+    with monkeypatch.context() as m:  # run b is interrupted after step 3 of 4 (the lr schedule depends on --steps)
+        m.setattr(flows.common, 'stop_requested', lambda: contextlib.nullcontext(StopAfter3()))
+        with pytest.raises(SystemExit, match='130'):
+            run(tmp_path / 'b', '--steps', '4')
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3
     _, loss_b = run(tmp_path / 'b', '--steps', '4', '--resume', '1')
     assert loss_a == loss_b  # the next-step loss, bit for bit
     a, b = (torch.load(p / 'ckpt.pt', weights_only=True) for p in (tmp_path / 'a', tmp_path / 'b'))
@@ -204,3 +217,22 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert step >= 3
     run(tmp_path, '--steps', str(step + 1), '--resume', '1')
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == step + 1
+
+
+def test_fid_of_samples_is_logged(tmp_path, monkeypatch):
+    import eval_fid
+    seen = []
+
+    class Scorer:  # eval_fid.Scorer's interface: Scorer('<dataset>:train', device)(uint8 (N, C, H, W)) -> FID
+        def __init__(self, ref, device):
+            assert ref == 'mnist:train'
+
+        def __call__(self, x):
+            seen.append(x)
+            return 12.5
+
+    monkeypatch.setattr(eval_fid, 'Scorer', Scorer, raising=False)
+    run(tmp_path, '--steps', '2', '--fid-every', '1', '--fid-samples', '10')
+    assert len(seen) == 2 and seen[0].shape == (10, 1, 28, 28) and seen[0].dtype == torch.uint8
+    lines = (tmp_path / 'log.txt').read_text().splitlines()
+    assert lines[-1].startswith('step 2 | test bits/dim ') and lines[-1].endswith('| fid10 12.5000')
