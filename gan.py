@@ -6,9 +6,9 @@ WGAN-GP (Gulrajani et al. 2017, arXiv:1704.00028, --loss wgan-gp), and the exerc
     python gan.py --dataset fashion-mnist --loss wgan-gp   # WGAN-GP, Alg. 1: n_critic 5, lambda 10, Adam(1e-4, 0, 0.9)
     torchrun --standalone --nproc_per_node=8 gan.py --dataset cifar10   # gradients averaged over the ranks
     python gan.py --mode sample --out runs/gan-mnist --n-samples 10000  # z ~ N(0, I), no truncation: PNGs + .npz
-    python gan.py --mode beta1 --dataset mnist             # exercises: Adam beta1 0.5 vs 0.9; BCE vs WGAN-GP after the
-    python gan.py --mode versus --epochs 5                 # same epochs; inpainting with masked MSE alone vs + adversarial
-    python gan.py --mode inpaint                           # (each trains both runs, then compares them)
+    python gan.py --mode beta1 --dataset mnist             # exercise: Adam beta1 0.5 vs 0.9 (trains both, compares)
+    python gan.py --mode versus --epochs 5                 # exercise: BCE vs WGAN-GP after the same number of epochs
+    python gan.py --mode inpaint                           # exercise: inpainting, masked MSE alone vs + adversarial
     python gan.py --mode bench --dataset cifar10           # img/s and peak memory of G+D training steps
 """
 import copy, dataclasses, json, math, re, sys, time
@@ -212,16 +212,17 @@ def check(cfg, world=1):
                         unit=('beta1', 'beta2', 'ema'))
     if image_shape(cfg)[1] not in LEVELS or cfg.batch_size % world:
         common.fail(f'--image-size must be 28, 32 or 64 and --batch-size divisible by the {world} processes')
-    if (cfg.inpaint or cfg.mode == 'inpaint') and (cfg.dataset not in common.DATASETS or cfg.ch % 4 or cfg.loss != 'bce'):
-        common.fail('inpainting needs a dataset with a test split (mnist, fashion-mnist, cifar10), --ch a multiple of 4 '
-                    'and --loss bce')
+    if (cfg.inpaint or cfg.mode == 'inpaint') and (cfg.dataset not in common.DATASETS or cfg.ch % 4 or
+                                                   cfg.loss != 'bce'):
+        common.fail('inpainting needs a dataset with a test split (mnist, fashion-mnist, cifar10), --ch a multiple '
+                    'of 4 and --loss bce')
     if cfg.ema >= 1 or cfg.fid_samples < 2:
         common.fail('--ema must be < 1 and --fid-samples >= 2')
 
 
 def backward_step(loss, net, opt, world):
-    """Backward, gradients averaged over the ranks by hand (DDP's reducer wants one backward per forward, but a GAN step
-    runs D several times and the gradient penalty differentiates it twice), optimizer step; returns the gradient norm."""
+    """Backward, gradients averaged over the ranks by hand (DDP's reducer wants one backward per forward, but a GAN
+    step runs D several times and the gradient penalty differentiates it twice), step; returns the gradient norm."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
@@ -281,9 +282,9 @@ def train(cfg):
 
     def save(step):
         if rank == 0:
-            common.save_ckpt(out / 'ckpt.pt', dict(script='gan', G=G.state_dict(), D=D.state_dict(), ema=ema.state_dict(),
-                                                   opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), step=step,
-                                                   config=dataclasses.asdict(cfg)))
+            common.save_ckpt(out / 'ckpt.pt', dict(script='gan', G=G.state_dict(), D=D.state_dict(), step=step,
+                                                   ema=ema.state_dict(), opt_g=opt_g.state_dict(),
+                                                   opt_d=opt_d.state_dict(), config=dataclasses.asdict(cfg)))
 
     with common.stop_requested() as stop, open(out / 'log.txt', 'a') if rank == 0 else nullcontext() as log:
         t0, last = time.perf_counter(), start
@@ -313,7 +314,7 @@ def train(cfg):
                         torch._foreach_copy_(list(ema.buffers()), list(G.buffers()))  # batch-norm statistics: G's own
                 pbar.update()
                 done = step + 1
-                if world > 1 and done % cfg.log_every == 0:  # ranks agree on stopping, so none waits in a collective forever
+                if world > 1 and done % cfg.log_every == 0:  # ranks agree on stopping: none waits in a collective
                     flag = torch.tensor([float(bool(stop))], device=device)
                     dist.all_reduce(flag, dist.ReduceOp.MAX)
                     stop[:] = [1] * bool(flag)
@@ -326,12 +327,11 @@ def train(cfg):
                     stats = {k: v.item() for k, v in stats.items()}  # the only host sync of the loop
                     if not all(map(math.isfinite, stats.values())):
                         common.fail(f'non-finite loss at step {done} ({stats}): lower --lr, or check the data')
-                    dt = time.perf_counter() - t0
+                    dt = (time.perf_counter() - t0) / (done - last)
                     pbar.set_postfix({k: f'{v:.3g}' for k, v in list(stats.items())[:4]})
                     if log:
                         print(f'step {done} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in stats.items()) +
-                              f' | ms/step {1000 * dt / (done - last):.1f} | img/s {(done - last) * cfg.batch_size / dt:.0f}',
-                              file=log, flush=True)
+                              f' | ms/step {1000 * dt:.1f} | img/s {cfg.batch_size / dt:.0f}', file=log, flush=True)
                 if halt:
                     raise KeyboardInterrupt  # -> save and exit 130, below
                 if do_ckpt:
@@ -340,8 +340,9 @@ def train(cfg):
                 if rank == 0 and (do_grid or (cfg.fid_every and (done % cfg.fid_every == 0 or final))):
                     with stop.now():  # a signal during sampling or FID stops at once; the state is consistent: save it
                         if do_grid:  # the same 64 z every time, so mode collapse shows
-                            imgs = inpaint_rows([ema], cfg, device, x_test) if cfg.inpaint else generate(ema, 64, cfg, device)
-                            common.save_grid(imgs, out / f'samples_{done:07d}.png', 16 if cfg.inpaint else 8)
+                            g = (inpaint_rows([ema], cfg, device, x_test) if cfg.inpaint else
+                                 generate(ema, 64, cfg, device))
+                            common.save_grid(g, out / f'samples_{done:07d}.png', 16 if cfg.inpaint else 8)
                         if cfg.fid_every and (done % cfg.fid_every == 0 or final):
                             score = scorer(generate(ema, cfg.fid_samples, cfg, device, x_test))
                             common.print0(f'\nstep {done} | FID-{cfg.fid_samples} {score:.2f}')
@@ -395,18 +396,18 @@ def read_log(path):
 
 
 def plot_logs(runs, path, title):
-    """Losses, D outputs, gradient norms and FID against steps for each run (label -> folder)."""
-    plt = common.pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    """Losses, D outputs, gradient norms and FID (if logged) against steps for each run (label -> folder)."""
+    plt, logs = common.pyplot(), {label: read_log(Path(folder) / 'log.txt') for label, folder in runs.items()}
     panels = [('loss', ['loss D', 'loss G', 'mse'], 'linear'), ('D output', ['D(x)', 'D(G(z))', 'W'], 'linear'),
               ('gradient norm', ['|grad D|', '|grad G|'], 'log'), ('FID', ['FID'], 'log')]
+    panels = [p for p in panels if any(k in log for log in logs.values() for k in p[1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
     for ax, (name, keys, scale) in zip(axes, panels):
-        for i, (label, folder) in enumerate(runs.items()):
-            logs = read_log(Path(folder) / 'log.txt')
-            for j, k in enumerate(k for k in keys if k in logs):
-                ax.plot(*logs[k], f'C{i}', ls=['-', ':', '--'][j], marker='o' * (k == 'FID'), label=f'{label}: {k}')
+        for i, (label, log) in enumerate(logs.items()):
+            for j, k in enumerate(k for k in keys if k in log):
+                ax.plot(*log[k], f'C{i}', ls=['-', ':', '--'][j], marker='o' * (k == 'FID'), label=f'{label}: {k}')
         ax.set(title=f'{title}: {name}', xlabel='generator step', ylabel=name, yscale=scale)
-        ax.legend(fontsize=7) if ax.lines else None
+        ax.legend(fontsize=7)
     fig.savefig(path)
     plt.close(fig)
 
@@ -432,7 +433,8 @@ def study(cfg, argv):
             rows[i] += f' | masked MSE {err.pow(2).sum() / (err.numel() / 4):.4f} ([-1, 1], {len(x_test)} test images)'
         common.save_grid(inpaint_rows(Gs, cfg, device, x_test), out / 'inpaint_test.png', 16)
     (out / f'{cfg.mode}.txt').write_text('\n'.join(rows) + '\n')
-    print('\n'.join(rows) + f'\nwrote {out}/{cfg.mode}.txt, {cfg.mode}.png' + ', inpaint_test.png' * (cfg.mode == 'inpaint'))
+    print('\n'.join(rows) + f'\nwrote {out}/{cfg.mode}.txt, {cfg.mode}.png, a folder per run' +
+          ', inpaint_test.png' * (cfg.mode == 'inpaint'))
 
 
 def bench(cfg, steps=30):
@@ -440,7 +442,6 @@ def bench(cfg, steps=30):
     in a temporary folder, timed over the last third of the steps."""
     import tempfile
     cuda = 'cuda' in common.resolve_device(cfg.device)
-    steps = steps if cuda else 6
     torch.cuda.reset_peak_memory_stats() if cuda else None
     with tempfile.TemporaryDirectory() as tmp:
         train(dataclasses.replace(cfg, mode='train', out=tmp, steps=steps, log_every=steps // 3, ckpt_every=steps,
@@ -455,7 +456,8 @@ def bench(cfg, steps=30):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = common.parse_config(Config, presets, argv)
-    cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/gan-{Path(cfg.dataset).name}' + f'-{cfg.mode}' * (cfg.mode in STUDIES))
+    default_out = f'runs/gan-{Path(cfg.dataset).name}' + f'-{cfg.mode}' * (cfg.mode in STUDIES)
+    cfg = dataclasses.replace(cfg, out=cfg.out or default_out)
     check(cfg)
     with common.script_guard():
         if cfg.mode in STUDIES:

@@ -216,3 +216,12 @@ def test_ddp_two_processes_keep_weights_identical(tmp_path):
         for k, v in r0[net].items():
             if 'running' not in k and 'num_batches' not in k:  # batch-norm statistics are per rank
                 assert torch.equal(v, r1[net][k]), (net, k)
+
+
+def test_versus_study_trains_both_losses_for_the_same_epochs(tmp_path, fake_scorer):
+    run(tmp_path, '--mode', 'versus', '--epochs', '0.002', '--fid-samples', '8')  # 120 real images for D in each run
+    rows = (tmp_path / 'versus.txt').read_text().splitlines()
+    assert [r.split(' | ')[:2] for r in rows] == [['bce       ', 'steps 15'], ['wgan-gp   ', 'steps 3']]  # 120/8, 120/40
+    cfg = torch.load(tmp_path / 'wgan-gp' / 'ckpt.pt', weights_only=True)['config']
+    assert (cfg['lr'], cfg['beta1'], cfg['beta2'], cfg['n_critic'], cfg['gp_lambda']) == (1e-4, 0.0, 0.9, 5, 10.0)
+    assert torch.load(tmp_path / 'bce' / 'ckpt.pt', weights_only=True)['config']['beta1'] == 0.5
