@@ -440,7 +440,8 @@ def train(cfg):
     scorer = None
     if cfg.fid_every and rank == 0:
         import eval_fid  # only runs that ask for FID pay for the Inception network
-        scorer = eval_fid.Scorer(f'{cfg.dataset}:train', device)
+        scorer = eval_fid.Scorer(f'{cfg.dataset}:train', device,  # an image folder: its training images, in memory
+                                 images=None if cfg.dataset in common.DATASETS else x.cpu())
     unit = 'nats' if x.dim() == 2 else 'bits/dim'
 
     def save(step):

@@ -224,8 +224,8 @@ def test_fid_of_samples_is_logged(tmp_path, monkeypatch):
     seen = []
 
     class Scorer:  # eval_fid.Scorer's interface: Scorer('<dataset>:train', device)(uint8 (N, C, H, W)) -> FID
-        def __init__(self, ref, device):
-            assert ref == 'mnist:train'
+        def __init__(self, ref, device, images=None):
+            assert ref == 'mnist:train' and images is None
 
         def __call__(self, x):
             seen.append(x)
