@@ -70,7 +70,7 @@ PRESETS = {  # below explicit flags: by dataset, then by arch, then cpu-<arch> o
     'conv': dict(hidden=256),
     'ae': dict(likelihood='l1', beta=1e-6, latent=4, ch=64, epochs=20),  # LDM's KL-f4: kl_weight 1e-6
     'cpu-mlp': dict(hidden=512, depth=2, latent=32, epochs=60),  # the 15-minute MNIST recipe (README)
-    'cpu-ae': dict(ch=32, epochs=5),
+    'cpu-ae': dict(ch=16, steps=1500),  # about 190k images: 3 epochs of MNIST, 35 of cifar10-subset
 }
 SWEEPS = dict(beta='0.1,1,5,20', latent='2,5,10,20,50', arch='mlp,conv')
 MODEL_KEYS = ('dataset', 'image_size', 'arch', 'likelihood', 'latent', 'hidden', 'depth', 'ch', 'f')
