@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image
 
 # -----------------------------------------------------------------------------
 # Config: a dataclass whose fields become --flags; a field's trailing comment is its --help text
@@ -180,6 +180,9 @@ def data_dir(path=None):
 
 def cache_dir():
     d = Path(os.environ.get('GENMODELS_CACHE') or 'data/cache')
+    if d.exists() and not d.is_dir():
+        fail(f'the cache folder {d} ($GENMODELS_CACHE, default data/cache) is a file: remove it or point '
+             f'$GENMODELS_CACHE elsewhere')
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -477,36 +480,3 @@ def grid_image(x, nrow=None, pad=2):
 def save_grid(x, path, nrow=None):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid_image(x, nrow).save(path)
-
-
-def plot(series, title='', logy=False, size=(360, 260)):
-    """A minimal line plot: series is {label: (xs, ys)}; returns a PIL image."""
-    colors = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b']
-    im = Image.new('RGB', size, 'white')
-    d = ImageDraw.Draw(im)
-    ml, mr, mt, mb = 48, 10, 22, 22
-    ys_all = np.concatenate([np.log10(np.clip(np.asarray(y, float), 1e-12, None)) if logy else np.asarray(y, float)
-                             for _, y in series.values()])
-    xs_all = np.concatenate([np.asarray(x, float) for x, _ in series.values()])
-    (x0, x1), (y0, y1) = (xs_all.min(), xs_all.max()), (ys_all.min(), ys_all.max())
-    y1 = y1 if y1 > y0 else y0 + 1
-    px = lambda x: ml + (x - x0) / max(x1 - x0, 1e-12) * (size[0] - ml - mr)
-    py = lambda y: size[1] - mb - (y - y0) / (y1 - y0) * (size[1] - mt - mb)
-    d.rectangle([ml, mt, size[0] - mr, size[1] - mb], outline='black')
-    for v in (y0, (y0 + y1) / 2, y1):
-        d.text((2, py(v) - 5), f'1e{v:.0f}' if logy else f'{v:.3g}', fill='black')
-    d.text((ml, size[1] - mb + 4), f'{x0:.3g}', fill='black')
-    d.text((size[0] - mr - 30, size[1] - mb + 4), f'{x1:.3g}', fill='black')
-    d.text((ml, 4), title, fill='black')
-    for i, (label, (xs, ys)) in enumerate(series.items()):
-        ys = np.log10(np.clip(np.asarray(ys, float), 1e-12, None)) if logy else np.asarray(ys, float)
-        d.line([(px(a), py(b)) for a, b in zip(np.asarray(xs, float), ys)], fill=colors[i % 6], width=2)
-        d.text((size[0] - mr - 90, mt + 4 + 12 * i), label, fill=colors[i % 6])
-    return im
-
-
-def hstack(images):
-    out = Image.new('RGB', (sum(i.width for i in images), max(i.height for i in images)), 'white')
-    for k, im in enumerate(images):
-        out.paste(im, (sum(i.width for i in images[:k]), 0))
-    return out

@@ -218,8 +218,12 @@ def load_diffusers(folder):
     folder = Path(folder)
     if not (folder / 'config.json').exists():
         common.fail(f'--init-from {folder}: no config.json there (expected a diffusers UNet2DModel folder)')
-    c = json.loads((folder / 'config.json').read_text())
-    boc, downs, ch = c['block_out_channels'], c['down_block_types'], c['block_out_channels'][0]
+    try:
+        c = json.loads((folder / 'config.json').read_text())
+        boc, downs, ch = c['block_out_channels'], c['down_block_types'], c['block_out_channels'][0]
+        size, cin, _, _ = c['sample_size'], c['in_channels'], c['up_block_types'], c['layers_per_block']
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        common.fail(f'{folder}/config.json is not a diffusers UNet2DModel config ({type(e).__name__}: {e})')
     same = dict(flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6, attention_head_dim=None,
                 norm_num_groups=32, act_fn='silu', time_embedding_type='positional', class_embed_type=None,
                 resnet_time_scale_shift='default', mid_block_scale_factor=1, out_channels=c['in_channels'])
@@ -228,7 +232,6 @@ def load_diffusers(folder):
     ups = [d.replace('Down', 'Up') for d in reversed(downs)]
     if bad or set(downs) - {'DownBlock2D', 'AttnDownBlock2D'} or c['up_block_types'] != ups:
         common.fail(f'--init-from {folder}: not the DDPM U-Net layout ddpm.UNet implements: {", ".join(bad) or downs}')
-    size, cin = c['sample_size'], c['in_channels']
     sched = folder / 'scheduler_config.json'
     s = json.loads(sched.read_text()) if sched.exists() else {}
     if (s.get('beta_schedule', 'linear'), s.get('beta_start', 1e-4), s.get('beta_end', 0.02)) != ('linear', 1e-4, 0.02):
@@ -246,7 +249,10 @@ def load_diffusers(folder):
             common.fail(f'{st} needs the safetensors package: pip install safetensors (or provide the .bin)')
         sd = load_file(st)
     elif pt.exists():
-        sd = torch.load(pt, map_location='cpu', weights_only=True)
+        try:
+            sd = torch.load(pt, map_location='cpu', weights_only=True)
+        except Exception as e:  # e.g. a pickle that would run code: refused by weights_only, with torch's reason
+            common.fail(f'{pt} is not a plain weights file ({type(e).__name__}: {" ".join(str(e).split())[:600]})')
     else:
         common.fail(f'--init-from {folder}: no diffusion_pytorch_model.safetensors or .bin')
     model = ddpm.make_model(mcfg, cin, size)
@@ -259,7 +265,10 @@ def load_diffusers(folder):
 
 
 def sweep_runs(cfg, T):  # (label, cfg) per (S, sampler); eta = 1 at S = T is ddpm.sample, DDPM's Alg. 2
-    S = [int(s) for s in cfg.grid_steps.split(',')]
+    try:
+        S = [int(s) for s in cfg.grid_steps.split(',')]
+    except ValueError:
+        common.fail(f'--grid-steps {cfg.grid_steps!r} must be comma-separated integers, e.g. 1000,100,50,20,10')
     check_steps(S, T)
     return [(f'{"ddpm" if s == T and e == 1 else sm}-S{s}-eta{e:g}', dataclasses.replace(
         cfg, sampler='ddpm' if s == T and e == 1 else sm, steps=s, eta=e)) for s in S
@@ -292,23 +301,17 @@ def run_mode(cfg, model, mcfg, shape, device, rank, world, out):
         x = ddpm.sample_many(model, cfg.n_samples, shape, mcfg, rank, world, sampler=partial(sample, cfg=cfg))
         if rank != 0:
             return
-        if 'npz' in cfg.save:
-            np.savez(out / f'samples_{tag}.npz', x.permute(0, 2, 3, 1).cpu().numpy())  # uint8 (N, H, W, C)
-        if 'png' in cfg.save:
-            (out / f'samples_{tag}').mkdir(exist_ok=True)
-            for i, im in enumerate(x.cpu()):
-                common.grid_image(im[None], 1, pad=0).save(out / f'samples_{tag}' / f'{i:06d}.png')
-        common.save_grid(x[:64], out / f'samples_{tag}.png')
+        common.write_samples(x, out, f'samples_{tag}', cfg.save)
         print(f'{cfg.n_samples} samples ({tag}) -> {out}/samples_{tag}.npz, samples_{tag}/, samples_{tag}.png')
     elif cfg.mode == 'fid':
         import eval_fid  # only this mode needs the Inception network
 
-        ref = eval_fid.reference_stats(cfg.fid_ref or f'{mcfg.dataset}:train', device=device) if rank == 0 else None
+        scorer = eval_fid.Scorer(cfg.fid_ref or f'{mcfg.dataset}:train', device) if rank == 0 else None  # loaded once
         rows = []
         for label, c in sweep_runs(cfg, mcfg.T):
             x = ddpm.sample_many(model, cfg.fid_samples, shape, mcfg, rank, world, label, partial(sample, cfg=c))
             if rank == 0:
-                rows.append((label, eval_fid.frechet_distance(*eval_fid.compute_stats(x, device=device), *ref)))
+                rows.append((label, scorer(x)))
                 print(f'{label:24s} FID-{cfg.fid_samples} {rows[-1][1]:.2f}', flush=True)
         if rank == 0:
             (out / 'fid_steps.csv').write_text('run,fid\n' + ''.join(f'{r},{f:.4f}\n' for r, f in rows))
@@ -346,8 +349,7 @@ def speedrun(cfg, model, mcfg, shape, device, rank, world, out, tcfg, steps, clo
     if rank != 0:
         return
     ref = cfg.fid_ref or f'{mcfg.dataset}:train'
-    stats = eval_fid.compute_stats(x, device=device), eval_fid.reference_stats(ref, device=device)
-    score = eval_fid.frechet_distance(*stats[0], *stats[1])
+    score = eval_fid.Scorer(ref, device)(x)
     common.save_grid(x[:100], out / 'speedrun.png', nrow=10)
     print(f'grid: {out}/speedrun.png')
     print(f'budget {tcfg.time_budget:g} s | {steps} steps in {clock:.1f} s of training | '
@@ -358,7 +360,7 @@ def speedrun(cfg, model, mcfg, shape, device, rank, world, out, tcfg, steps, clo
 
 def invert(cfg, model, mcfg, x0, y, ab, ts, gen, tag, out):
     xT = ddim_invert(model, x0, ts, ab, mcfg, y)
-    rec = ddim_sample(model, xT, ts, ab, 0.0, mcfg, y)
+    rec = ddim_sample(model, xT, ts, ab, 0.0, dataclasses.replace(mcfg, clip=False), y)  # unclipped, as the inversion
     err = (rec - x0).pow(2).mean().sqrt().item() * 127.5
     common.save_grid(common.to_uint8(torch.cat([x0, (xT / 3).clamp(-1, 1), rec])), out / 'invert.png', nrow=len(x0))
     print(f'DDIM inversion, S = {cfg.steps}: x_T std {xT.std().item():.3f} | reconstruction RMSE {err:.2f} / 255 '
@@ -434,8 +436,14 @@ def main(argv=None):
                            mask=('center', 'right')).items():
         if getattr(cfg, k) not in allowed:
             common.fail(f'--{k} {getattr(cfg, k)!r} is not one of: {", ".join(allowed)}')
-    if cfg.eta < 0 or cfg.steps < 1:
-        common.fail(f'--eta {cfg.eta} must be >= 0 and --steps {cfg.steps} >= 1')
+    if not 0 <= cfg.eta <= 1:  # eq. (16): eta > 1 asks for more noise than 1 - ab_prev leaves room for
+        common.fail(f'--eta {cfg.eta} must be in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior variance)')
+    common.check_ranges(cfg, positive=('steps', 'n_samples', 'sample_batch', 'fid_samples'), nonnegative=('guidance',))
+    if not -1 <= cfg.label < ddpm.NUM_CLASSES:
+        common.fail(f'--label {cfg.label}: a class 0..{ddpm.NUM_CLASSES - 1}, or -1 to cycle through them')
+    if cfg.mode == 'inpaint' and cfg.sampler == 'dpm++2m':
+        common.fail('--mode inpaint replaces the known pixels after every step, which a multistep solver cannot '
+                    'absorb: use --sampler ddim or ddpm')
     if cfg.mode == 'speedrun' and (cfg.ckpt or cfg.init_from):
         common.fail('--mode speedrun trains its own model into --out: drop --ckpt / --init-from')
     if not (cfg.out or cfg.ckpt or cfg.init_from):
@@ -451,12 +459,15 @@ def main(argv=None):
             model, mcfg = ddpm.load_model(cfg.ckpt or Path(cfg.out) / 'ckpt.pt')
             out = Path(cfg.out or Path(cfg.ckpt).parent)
         check_steps([cfg.steps], mcfg.T)
+        if not mcfg.class_cond and (cfg.label >= 0 or cfg.guidance != 1):
+            common.fail('--label / --guidance: this checkpoint is unconditional (trained without --class-cond 1)')
         mcfg = dataclasses.replace(mcfg, clip=cfg.clip, guidance=cfg.guidance, label=cfg.label, bf16=cfg.bf16,
                                    seed=cfg.seed, sample_batch=cfg.sample_batch)
         model = model.to(device).eval()
         size = common.DATASETS.get(mcfg.dataset, {}).get('size', mcfg.image_size)
         shape = (model.conv_in.in_channels, size, size)
-        out.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            common.claim(out)
         if cfg.mode == 'speedrun':
             speedrun(cfg, model, mcfg, shape, device, rank, world, out, *trained)
         else:

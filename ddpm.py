@@ -66,7 +66,8 @@ class Config:
     sample_every: int = 10000  # steps between EMA sample grids (0: only at the end)
     ckpt_every: int = 5000  # steps between checkpoints (also written at the end and on Ctrl-C / SIGTERM)
     fid_every: int = 0  # steps between FID evaluations of EMA samples, and one at the end (0: off)
-    fid_samples: int = 10000  # samples per FID evaluation (against the training set, eval_fid.py)
+    fid_samples: int = 10000  # samples per FID evaluation (eval_fid.py, pytorch-fid mode)
+    fid_ref: str = ''  # FID reference: dataset:split or stats .npz (default: the training set; folders: its images)
     # sampling
     var: str = 'small'  # reverse-process variance: small (beta tilde, posterior) | large (beta)
     clip: bool = True  # clip the predicted x0 to [-1, 1] at every step
@@ -308,9 +309,14 @@ def image_shape(cfg):
 def load_model(path):
     """The EMA U-Net of a ddpm.py checkpoint (eval mode, CPU) and the Config it was trained with."""
     ckpt = common.load_ckpt(path, 'ddpm')
+    if not isinstance(ckpt.get('ema'), dict) or not isinstance(ckpt.get('config'), dict):
+        common.fail(f'{path} has no EMA weights or config: not a complete ddpm.py checkpoint')
     cfg = Config(**{k: v for k, v in ckpt['config'].items() if k in Config.__dataclass_fields__})
     model = make_model(cfg, *image_shape(cfg)[:2])
-    model.load_state_dict(ckpt['ema'])
+    try:
+        model.load_state_dict(ckpt['ema'])
+    except RuntimeError as e:
+        common.fail(f'{path}: its weights do not fit the U-Net its config describes ({str(e).splitlines()[0]}...)')
     return model.eval(), cfg
 
 
@@ -394,6 +400,11 @@ def check(cfg, world=1):
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             common.fail(f'--{k} {getattr(cfg, k)!r} is not one of: {", ".join(allowed)}')
+    common.check_ranges(cfg, positive=('steps', 'batch_size', 'warmup', 'log_every', 'ckpt_every', 'ch',
+                                       'num_res_blocks', 'n_samples', 'sample_batch', 'image_size', 'lr'),
+                        nonnegative=('time_budget', 'sample_every', 'fid_every', 'weight_decay', 'grad_clip',
+                                     'guidance'),
+                        unit=('dropout', 'p_uncond', 'ema'))
     try:
         levels = [int(m) for m in cfg.ch_mult.split(',')]
         [int(r) for r in cfg.attn_res.split(',') if r]
@@ -407,33 +418,40 @@ def check(cfg, world=1):
         common.fail(f'--batch-size {cfg.batch_size} must be divisible by the {world} processes')
     if cfg.class_cond and cfg.dataset not in common.DATASETS:
         common.fail('--class-cond 1 needs a labelled dataset (mnist, fashion-mnist, cifar10); image folders have none')
-    if cfg.steps < 1 or cfg.T < 2 or cfg.ch % 4:
-        common.fail('--steps must be >= 1, --T >= 2 and --ch a multiple of 4')
+    if cfg.T < 2 or cfg.ch % 4:
+        common.fail(f'--T {cfg.T} must be >= 2 and --ch {cfg.ch} a multiple of 4')
+    if not -1 <= cfg.label < NUM_CLASSES:
+        common.fail(f'--label {cfg.label}: a class 0..{NUM_CLASSES - 1}, or -1 to cycle through them')
+    if cfg.fid_every and cfg.fid_samples < 2:
+        common.fail(f'--fid-samples {cfg.fid_samples}: FID needs at least 2 samples (and thousands to mean much)')
 
 
-def fid(model, cfg, shape, rank, world, device):
+def fid_scorer(cfg, x, device):
+    """eval_fid.Scorer against --fid-ref, else the training set (a folder's images, x, straight from memory)."""
     import eval_fid  # only runs that ask for FID pay for the Inception network
 
-    x = sample_many(model, cfg.fid_samples, shape, cfg, rank, world, desc='FID samples')
-    if rank != 0:
-        return None
-    inception = eval_fid.load_inception(device=device)
-    mu, sigma = eval_fid.compute_stats(x, model=inception)
-    ref = eval_fid.reference_stats(f'{cfg.dataset}:train', model=inception)  # computed once, then cached
-    return eval_fid.frechet_distance(mu, sigma, *ref)
+    if cfg.fid_ref or cfg.dataset in common.DATASETS:
+        return eval_fid.Scorer(cfg.fid_ref or f'{cfg.dataset}:train', device)
+    return eval_fid.Scorer(None, device, images=x)
 
 
 def train(cfg):
     device, rank, world = common.setup(cfg.device)
     check(cfg, world)
     out = Path(cfg.out)
+    if rank == 0:
+        common.claim(out)  # one run per folder: a second one gets a clear error, not a mixed-up checkpoint
     x, y = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None, cfg.image_size)
+    scorer = fid_scorer(cfg, x, device) if cfg.fid_every and rank == 0 else None  # Inception + reference, up front
+    cuda = 'cuda' in device
     x, y = x.to(device), (y.to(device) if cfg.class_cond else None)  # the whole uint8 dataset lives on the device
     shape = tuple(x.shape[1:])
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     model = make_model(cfg, shape[0], shape[1]).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)  # NHWC convolutions run faster on tensor cores
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: sampling never uses dropout, on any rank
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
     start, clock = 0, 0.0  # clock: seconds spent training, kept across resumes for --time-budget
     if cfg.resume:
         ckpt = common.load_ckpt(out / 'ckpt.pt', 'ddpm')
@@ -441,22 +459,31 @@ def train(cfg):
         if changed:
             common.fail(f'--resume: the checkpoint has different {", ".join(changed)}; pass the same values, '
                         f'e.g. ' + ' '.join(f'--{k} {ckpt["config"][k]}' for k in changed))
+        inexact = [k for k in ('seed', 'batch_size', 'lr', 'warmup', 'dropout', 'flip', 'p_uncond', 'loss')
+                   if ckpt['config'].get(k) != getattr(cfg, k)]
+        if inexact:
+            common.print0(f'warning: --resume with a different {", ".join(inexact)} than the checkpoint\'s: training '
+                          f'continues, but no longer as the uninterrupted run would have')
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
         opt.load_state_dict(ckpt['opt'])
         start, clock = ckpt['step'], ckpt.get('clock', 0.0)
+        if start >= cfg.steps:
+            common.print0(f'{out}/ckpt.pt is already at step {start} (--steps {cfg.steps}): nothing to train. '
+                          f'Raise --steps to continue it, or sample with --mode sample')
+            return model, None
     elif (out / 'ckpt.pt').exists():
         common.fail(f'{out}/ckpt.pt exists: pass --resume 1 to continue it, or another --out')
     nparams = sum(p.numel() for p in model.parameters())
     common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | U-Net {nparams / 1e6:.2f}M parameters | '
                   f'steps {start} -> {cfg.steps}')
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     ab = make_alpha_bar(cfg.schedule, cfg.T).float().to(device)
-    cuda = 'cuda' in device
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
     net = torch.compile(model) if cfg.compile and cuda else model
+    ema_net = torch.compile(ema) if cfg.compile and cuda else ema  # sampling runs the EMA network T times per image
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
     amp = torch.autocast('cuda', torch.bfloat16) if cfg.bf16 and cuda else nullcontext()
@@ -470,13 +497,13 @@ def train(cfg):
 
     def grid(step):
         if rank == 0:
-            ema.eval()
             n = 100 if cfg.class_cond else 64
             g = torch.Generator(device).manual_seed(cfg.seed)
-            imgs = sample(ema, n, shape, cfg, sample_labels(cfg, n, device), g)
+            imgs = sample(ema_net, n, shape, cfg, sample_labels(cfg, n, device), g)
             common.save_grid(common.to_uint8(imgs), out / f'samples_{step:07d}.png', nrow=10 if cfg.class_cond else 8)
 
-    # Ctrl-C / SIGTERM only set `stop`: the loop finishes its step, saves and exits, so nothing is lost
+    # Ctrl-C / SIGTERM only set `stop`: the loop finishes its step, saves and exits, so nothing is lost; while it
+    # samples or evaluates (stop.now()), the signal interrupts at once, and the step's checkpoint is written
     with common.stop_requested() as stop, open(out / 'log.txt', 'a') if rank == 0 else nullcontext() as log:
         t0 = tick = time.perf_counter()  # t0: last log line; tick: start of the current stretch of pure training
         last, clock0 = start, clock
@@ -504,10 +531,14 @@ def train(cfg):
                 else:
                     over = False
             final = done == cfg.steps or over
-            if done % cfg.log_every == 0 or final:
-                lossf = loss.item()  # the only host sync of the loop
+            halt = bool(stop) and (world == 1 or done % cfg.log_every == 0)
+            do_ckpt = halt or done % cfg.ckpt_every == 0 or final
+            if done % cfg.log_every == 0 or do_ckpt:
+                lossf = loss.item()  # the only host sync of the loop; always before a checkpoint is written
                 if not math.isfinite(lossf):
-                    common.fail(f'loss is {lossf} at step {done}: lower --lr or check the data')
+                    common.fail(f'loss is {lossf} at step {done}: lower --lr or check the data (the last good '
+                                f'checkpoint, if any, is kept)')
+            if done % cfg.log_every == 0 or final:
                 dt = time.perf_counter() - t0
                 ips = (done - last) * cfg.batch_size / dt
                 pbar.set_postfix(loss=f'{lossf:.4f}', img_s=f'{ips:.0f}')
@@ -515,8 +546,6 @@ def train(cfg):
                     print(f'step {done} | loss {lossf:.4f} | {1000 * dt / (done - last):.1f} ms/step | {ips:.0f} img/s',
                           file=log, flush=True)
                 t0, last = time.perf_counter(), done
-            halt = bool(stop) and (world == 1 or done % cfg.log_every == 0)
-            do_ckpt = halt or done % cfg.ckpt_every == 0 or final
             do_grid = (cfg.sample_every and done % cfg.sample_every == 0) or final
             do_fid = cfg.fid_every and (done % cfg.fid_every == 0 or final)
             if not (do_ckpt or do_grid or do_fid):
@@ -530,13 +559,21 @@ def train(cfg):
             if halt:
                 common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
                 raise SystemExit(130)
-            if do_grid:
-                grid(done)
-            if do_fid:
-                score = fid(ema, cfg, shape, rank, world, device)
-                if rank == 0:
-                    common.print0(f'\nstep {done} | FID-{cfg.fid_samples} {score:.2f}')
-                    print(f'step {done} | fid{cfg.fid_samples} {score:.4f}', file=log, flush=True)
+            try:
+                with stop.now():
+                    if do_grid:
+                        grid(done)
+                    if do_fid:
+                        x_fid = sample_many(ema_net, cfg.fid_samples, shape, cfg, rank, world, desc='FID samples')
+                        if rank == 0:
+                            score = scorer(x_fid)
+                            common.print0(f'\nstep {done} | FID-{cfg.fid_samples} {score:.2f}')
+                            print(f'step {done} | fid{cfg.fid_samples} {score:.4f}', file=log, flush=True)
+            except KeyboardInterrupt:
+                if not do_ckpt:
+                    save(done)
+                common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
+                raise SystemExit(130) from None
             tick = time.perf_counter()
             t0 += tick - pause  # timings exclude checkpoints, sampling and evaluation
             if over:
@@ -556,19 +593,17 @@ def sample_from_checkpoint(cfg):
     device, rank, world = common.setup(cfg.device)
     out = Path(cfg.out)
     model, trained = load_model(out / 'ckpt.pt')
+    if not trained.class_cond and (cfg.label >= 0 or cfg.guidance != 1):
+        common.fail(f'--label / --guidance: {out}/ckpt.pt is unconditional (trained without --class-cond 1)')
+    if rank == 0:
+        common.claim(out)
     model = model.to(device)
     mcfg = dataclasses.replace(cfg, **{k: getattr(trained, k) for k in MODEL_KEYS})  # the model's own settings
     shape = image_shape(mcfg)
     x = sample_many(model, cfg.n_samples, shape, mcfg, rank, world)
     if rank != 0:
         return
-    if 'npz' in cfg.save:
-        np.savez(out / 'samples.npz', x.permute(0, 2, 3, 1).cpu().numpy())  # uint8 (N, H, W, C), key arr_0
-    if 'png' in cfg.save:
-        (out / 'samples').mkdir(exist_ok=True)
-        for i, im in enumerate(tqdm(x.cpu(), desc='writing PNGs')):
-            common.grid_image(im[None], 1, pad=0).save(out / 'samples' / f'{i:06d}.png')
-    common.save_grid(x[:64], out / 'samples.png')
+    common.write_samples(x, out, 'samples', cfg.save)
     snaps, g = [], torch.Generator(device).manual_seed(cfg.seed)  # the reverse process at 0/25/50/75/100% of steps
     sample(model, 8, shape, mcfg, sample_labels(mcfg, 8, device), g, snaps)
     common.save_grid(common.to_uint8(torch.stack(snaps, 1).flatten(0, 1).clamp(-1, 1)), out / 'reverse.png', nrow=5)
@@ -587,12 +622,17 @@ def forward_figures(cfg):
     ts = [t for t in (0, 100, 250, 500, 750, 999) if t <= cfg.T]
     eps = torch.randn(x0.shape, generator=g)
     xts = [q_sample(x0, ab[t], eps) for t in ts]
-    common.save_grid(common.to_uint8(torch.stack([xt[:8].clamp(-1, 1) for xt in xts], 1).flatten(0, 1)),
-                     out / 'forward.png', nrow=len(ts))
-    edges = np.linspace(-4, 4, 81)
-    hists = [common.plot({'': (edges[:-1] + 0.05, np.histogram(xt.numpy(), edges, density=True)[0])},
-                         f'pixels of x_t, t={t}', size=(220, 170)) for t, xt in zip(ts, xts)]
-    common.hstack(hists).save(out / 'forward_hist.png')
+    plt = common.pyplot()
+    fig, axes = plt.subplots(2, len(ts), figsize=(2.2 * len(ts), 4.6), height_ratios=(3, 2))
+    for i, (t, xt) in enumerate(zip(ts, xts)):
+        grid = common.grid_image(common.to_uint8(xt[:16].clamp(-1, 1)), nrow=4)
+        axes[0, i].imshow(grid, cmap='gray' if grid.mode == 'L' else None)
+        axes[0, i].set(title=f't = {t}\n$\\bar\\alpha_t$ = {ab[t]:.3g}', xticks=[], yticks=[])
+        axes[0, i].grid(False)
+        axes[1, i].hist(xt.flatten().numpy(), bins=np.linspace(-4, 4, 81), density=True)
+        axes[1, i].set(xlabel='pixel value of $x_t$', ylabel='density' if i == 0 else None, xlim=(-4, 4))
+    fig.suptitle(f'forward process q(x_t | x_0), {cfg.schedule} schedule, T = {cfg.T}: samples and pixel histograms')
+    fig.savefig(out / 'forward.png')
     with open(out / 'forward.csv', 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['t', 'alpha_bar', 'mse_to_x0', 'mean', 'std'])
@@ -600,7 +640,7 @@ def forward_figures(cfg):
             row = [t, ab[t].item(), F.mse_loss(xt, x0).item(), xt.mean().item(), xt.std().item()]
             w.writerow(row)
             print('t {:4d} | alpha_bar {:.4f} | MSE to x0 {:.4f} | mean {:+.3f} | std {:.3f}'.format(*row))
-    print(f'wrote {out}/forward.png (rows: images, columns: t), forward_hist.png, forward.csv')
+    print(f'wrote {out}/forward.png (columns: t; top: 16 images, bottom: pixel histogram) and forward.csv')
 
 
 def schedule_figures(cfg):
@@ -616,10 +656,17 @@ def schedule_figures(cfg):
         w.writerow(['t'] + [f'{q}_{n}' for n in names for q in ('beta', 'alpha_bar', 'snr')])
         for i in range(cfg.T):
             w.writerow([t[i]] + [f'{v[n][i]:.6g}' for n in names for v in (beta, ab, snr)])
-    panels = [common.plot({n: (t, beta[n]) for n in names}, 'beta_t'),
-              common.plot({n: (t, ab[n]) for n in names}, 'alpha_bar_t'),
-              common.plot({n: (t, snr[n]) for n in names}, 'SNR(t) (log10)', logy=True)]
-    common.hstack(panels).save(out / 'schedules.png')
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = ((beta, r'$\beta_t$ (log scale)', 'log'),
+              (ab, r'$\bar\alpha_t$', 'linear'), (snr, r'SNR(t) = $\bar\alpha_t / (1 - \bar\alpha_t)$', 'log'))
+    for ax, (v, title, yscale) in zip(axes, panels):
+        for n in names:
+            ax.plot(t, v[n], label=n)
+        ax.set(title=title, xlabel='diffusion step t', yscale=yscale)
+        ax.legend()
+    axes[2].axhline(1, color='gray', lw=0.8, ls='--')
+    fig.savefig(out / 'schedules.png')
     for n in names:
         print(f'{n:8s} SNR(t) = 1 at t = {t[np.argmax(snr[n] < 1)]} | alpha_bar_T = {ab[n][-1]:.2e}')
     print(f'wrote {out}/schedules.csv and {out}/schedules.png')
@@ -635,7 +682,10 @@ def bench(cfg, steps=50):
     C, H, W = image_shape(cfg)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, C, H).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    if cuda:  # as train() runs it: NHWC, fused AdamW, cuDNN autotuning
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=cuda or None)
     net = torch.compile(model) if cfg.compile and cuda else model
     amp = torch.autocast('cuda', torch.bfloat16) if cfg.bf16 and cuda else nullcontext()
     ab = make_alpha_bar(cfg.schedule, cfg.T).float().to(device)

@@ -369,9 +369,12 @@ class Scorer:
     image-folder dataset), whose statistics are computed here and not cached."""
 
     def __init__(self, ref, device, mode='pytorch-fid', images=None):
-        self.model, self.mode = load_inception(device=device), mode
-        self.ref = (compute_stats(images, mode, model=self.model) if images is not None else
-                    reference_stats(ref, mode, model=self.model))
+        try:
+            self.model, self.mode = load_inception(device=device), mode
+            self.ref = (compute_stats(images, mode, model=self.model) if images is not None else
+                        reference_stats(ref, mode, model=self.model))
+        except ValueError as e:  # a script's common.script_guard turns this into one error line
+            raise common.DataError(f'FID reference {ref if images is None else "(images in memory)"}: {e}') from None
 
     def __call__(self, x):
         return frechet_distance(*compute_stats(x, self.mode, model=self.model), *self.ref)

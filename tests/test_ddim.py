@@ -147,10 +147,14 @@ def size(path):
 def fake_fid(monkeypatch):
     """A stand-in eval_fid for the plumbing (the real one needs the Inception weights and time); lists refs asked."""
     seen = []
-    fake = types.SimpleNamespace(reference_stats=lambda spec, device: seen.append(spec) or (0.0, 0.0),
-                                 compute_stats=lambda x, device: (float(x.float().mean()), 0.0),
-                                 frechet_distance=lambda m1, s1, m2, s2: (m1 - m2) ** 2)
-    monkeypatch.setitem(sys.modules, 'eval_fid', fake)
+
+    class Scorer:
+        def __init__(self, ref, device):
+            seen.append(ref)
+
+        def __call__(self, x):
+            return float(x.float().mean()) ** 2
+    monkeypatch.setitem(sys.modules, 'eval_fid', types.SimpleNamespace(Scorer=Scorer))
     return seen
 
 
@@ -197,6 +201,20 @@ def test_speedrun_trains_for_its_time_budget_then_scores_once(tmp_path, fake_fid
         ddim.main(args + ['--ckpt', str(tmp_path / 'ckpt.pt')])
 
 
+def test_inpainting_noises_the_known_pixels_with_the_forward_process():
+    # halfway through, the known coordinates must be a fresh draw of q(x_t | x0) = N(sqrt(ab) x0, 1 - ab), not x0
+    x0 = torch.full((N, D), 0.3)
+    keep = torch.arange(D) < D // 2
+    ts, snaps = ddim.timesteps(T, 50, 'uniform'), []
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    ddim.ddim_sample(Gaussian(), x, ts, AB, 1.0, CFG, None, torch.Generator().manual_seed(0), snaps, (x0, keep))
+    known = snaps[25][:, keep].double()  # x after step 24, i.e. at t = ts[25]
+    ab = AB[ts[25]].item()
+    n = known.numel()
+    assert abs(known.mean().item() - ab ** 0.5 * 0.3) < 5 * ((1 - ab) / n) ** 0.5
+    assert abs(known.var().item() - (1 - ab)) < 5 * (1 - ab) * (2 / n) ** 0.5
+
+
 def test_inpainting_keeps_the_known_pixels(run_dir):
     run(run_dir, '--mode', 'inpaint', '--mask', 'right')
     im = np.asarray(Image.open(run_dir / 'inpaint.png'))
@@ -209,9 +227,9 @@ def test_bad_input_fails_clearly(run_dir, tmp_path):
         run(run_dir, '--steps', '21')
     with pytest.raises(SystemExit, match='between 1 and .* T = 20'):
         run(run_dir, '--mode', 'sweep', '--grid-steps', '1000,10')
-    with pytest.raises(SystemExit, match='--steps 0 >= 1'):
+    with pytest.raises(SystemExit, match='--steps 0 must be > 0'):
         run(run_dir, '--steps', '0')
-    with pytest.raises(SystemExit, match='--eta -0.5 must be >= 0'):
+    with pytest.raises(SystemExit, match=r'--eta -0.5 must be in \[0, 1\]'):
         run(run_dir, '--eta', '-0.5')
     torch.save(dict(script='vae', model={}), tmp_path / 'vae.pt')
     with pytest.raises(SystemExit, match='not written by ddpm'):

@@ -1,4 +1,6 @@
 """DDPM maths: forward process, posterior, parameterisations, schedules, guidance. No training."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -64,14 +66,37 @@ def test_linear_schedule_is_the_papers():
     assert beta[0].item() == pytest.approx(1e-4) and beta[-1].item() == pytest.approx(0.02)
 
 
-def test_ddpm_step_is_posterior_mean_plus_noise():
-    ab = ddpm.make_alpha_bar('linear', 1000)
+def test_ddpm_step_is_algorithm_2():
+    # Ho et al. Alg. 2, line 4, written from beta alone: x_{t-1} = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t)
+    # + sigma_t z, with sigma_t^2 = beta tilde_t = (1 - ab_{t-1}) / (1 - ab_t) beta_t (the 'small' variance, eq. 7)
+    beta = ddpm.make_beta('linear', 1000)
     x, eps, z = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
-    t = 400
-    x0 = ddpm.predict_x0(x.double(), eps.double(), ab[t], 'eps')
-    mean, var = ddpm.q_posterior(x0, x.double(), ab[t].item(), ab[t - 1].item())
-    got = ddpm.ddpm_step(x, eps, z, ab[t].item(), ab[t - 1].item(), var ** 0.5, 'eps', clip=False)
-    torch.testing.assert_close(got.double(), mean + var ** 0.5 * z.double(), rtol=1e-5, atol=1e-5)
+    for t in (1, 400, 999):
+        ab_t, ab_prev = torch.prod(1 - beta[:t + 1]).item(), torch.prod(1 - beta[:t]).item()
+        b = beta[t].item()
+        sigma = ((1 - ab_prev) / (1 - ab_t) * b) ** 0.5
+        want = (x.double() - b / (1 - ab_t) ** 0.5 * eps.double()) / (1 - b) ** 0.5 + sigma * z.double()
+        got = ddpm.ddpm_step(x, eps, z, ab_t, ab_prev, sigma, 'eps', clip=False)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('objective', ['eps', 'x0', 'v'])
+def test_loss_targets(objective):
+    # a network that knows x0 and answers each parameterisation's target, derived here from x_t alone, scores 0; the
+    # eps answer scores > 0 under the other objectives (a sign error in v would not score 0)
+    cfg = ddpm.Config(objective=objective, T=1000)
+    ab = ddpm.make_alpha_bar('cosine', 1000).float()
+    x0 = torch.rand(6, 1, 4, 4) * 2 - 1
+
+    def oracle(answer):
+        def net(xt, t, y):
+            a = ab[t].view(-1, 1, 1, 1)
+            eps = (xt - a.sqrt() * x0) / (1 - a).sqrt()
+            return {'eps': eps, 'x0': x0, 'v': a.sqrt() * eps - (1 - a).sqrt() * x0}[answer]
+        return net
+    assert ddpm.loss_fn(oracle(objective), x0, None, ab, cfg, nullcontext()).item() < 1e-8
+    for other in {'eps', 'x0', 'v'} - {objective}:
+        assert ddpm.loss_fn(oracle(other), x0, None, ab, cfg, nullcontext()).item() > 1e-2
 
 
 def test_guidance_weights():
