@@ -101,9 +101,11 @@ def test_train_then_sample_writes_grid_checkpoint_and_npz(tmp_path):
     assert Image.open(tmp_path / 'interp.png').size == (12 * 30 + 2, 8 * 30 + 2)
 
 
-def test_autoencoder_for_ldm_on_rgb(tmp_path):
-    _, m = run(tmp_path, '--dataset', 'cifar10-subset', '--arch', 'ae', '--latent', '4', '--steps', '2')
-    assert m['unit'] == 'per dim' and 'iwae' not in m and m['psnr'] > 0
+def test_autoencoder_for_ldm_on_rgb_with_rfid(tmp_path, monkeypatch):
+    monkeypatch.setenv('FID_WEIGHTS', str(vae.common.data_dir() / 'weights' / 'pt_inception-2015-12-05-nofc.pth'))
+    _, m = run(tmp_path, '--dataset', 'cifar10-subset', '--arch', 'ae', '--latent', '4', '--steps', '2', '--eval-n', '6',
+               '--rfid', '6')
+    assert m['unit'] == 'per dim' and 'iwae' not in m and m['psnr'] > 0 and m['rfid'] > 0  # the real Inception
     model, cfg = vae.load_autoencoder(tmp_path / 'ckpt.pt')
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z = model.encode(x)
