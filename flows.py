@@ -449,6 +449,11 @@ def train(cfg):
             common.save_ckpt(out / 'ckpt.pt', dict(script='flows', model=flow.state_dict(), opt=opt.state_dict(),
                                                    step=step, config=dataclasses.asdict(cfg)))
 
+    def stopped(step):
+        save(step)
+        common.print0(f'\nstopped at step {step}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
+        raise SystemExit(130)
+
     def report(step, final=False):  # test NLL, then grids (or the moons figure) and FID
         test = bits_per_dim(flow, x_test, cfg, rank, world)
         line = f'step {step} | test {unit} {test:.4f} ({len(x_test)} test {"points" if x.dim() == 2 else "images"})'
@@ -505,19 +510,17 @@ def train(cfg):
             if halt or done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
             if halt:
-                common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
-                raise SystemExit(130)
+                stopped(done)
             if done < cfg.steps and any(e and done % e == 0 for e in (cfg.sample_every, cfg.fid_every)):
                 try:
-                    with stop.now():
+                    with stop.now():  # a signal while evaluating or sampling stops at once, with a checkpoint
                         report(done)
                 except KeyboardInterrupt:
-                    save(done)
-                    common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (--resume 1)')
-                    raise SystemExit(130) from None
+                    stopped(done)
                 t0 = time.perf_counter()
         pbar.close()
-        report(done, final=True)
+        with stop.now():  # the checkpoint of the last step is saved: a signal here just ends the run
+            report(done, final=True)
     return flow, lossf if start < cfg.steps else None
 
 
