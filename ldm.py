@@ -12,7 +12,7 @@ v-prediction (Salimans & Ho 2022, arXiv:2202.00512) and the cosine schedule. Sam
 
 Measured on 2 CPU cores (torch 2.13.0+cpu): see the README's ldm.py section (command, wall time, FID protocol).
 """
-import copy, csv, dataclasses, hashlib, json, math, time
+import copy, dataclasses, hashlib, json, math, time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,6 @@ class Config:
     T: int = 1000  # diffusion steps
     schedule: str = 'cosine'  # cosine (Nichol & Dhariwal) | linear (Ho et al.) | sigmoid
     objective: str = 'v'  # network output: v (Salimans & Ho) | eps
-    loss: str = 'mse'  # mse | l1
     # training
     steps: int = 30000  # optimizer steps
     batch_size: int = 128  # global batch, split evenly across ranks
@@ -58,7 +57,6 @@ class Config:
     warmup: int = 1000  # linear learning-rate warm-up steps
     grad_clip: float = 1.0  # max global gradient norm
     ema: float = 0.999  # EMA decay of the weights used for sampling
-    bf16: bool = True  # bf16 autocast for the network on CUDA
     resume: bool = False  # continue from --out/ckpt.pt
     log_every: int = 100  # steps between log lines
     sample_every: int = 5000  # steps between decoded EMA sample grids (0: only at the end)
@@ -75,10 +73,11 @@ class Config:
     n_samples: int = 64  # --mode sample: number of decoded samples
     sample_batch: int = 500  # latents per sampling batch
     save: str = 'png,npz'  # --mode sample: png (a folder of PNGs) and/or npz (uint8 (N, H, W, C))
+    loss, bf16 = 'mse', True  # not flags: ddpm.loss_fn's L_simple; bf16 autocast on CUDA
 
 
 PRESETS = {  # below explicit flags; keyed by dataset, then 'cpu' on top on a CPU
-    'cpu': dict(ch=32, num_res_blocks=1, dropout=0.0, steps=5000, lr=1e-3, warmup=200, ema=0.995, log_every=50,
+    'cpu': dict(ch=32, num_res_blocks=1, dropout=0.0, steps=4000, lr=1e-3, warmup=200, ema=0.995, log_every=50,
                 sample_every=0, ckpt_every=1000, sample_steps=50, fid_samples=1000),
 }
 MODEL_KEYS = ('dataset', 'cond', 'ch', 'ch_mult', 'num_res_blocks', 'attn_res', 'T', 'schedule', 'objective')
@@ -247,8 +246,7 @@ def sample(model, ae, scale, n, zshape, cfg, generator, steps=None):
 
 def check(cfg, world=1, model_known=True):  # model_known: T and cond are this run's (not a checkpoint's yet)
     choices = dict(mode=('train', 'sample', 'schedules', 'reimagine', 'bench'), cond=('none', 'class'),
-                   schedule=('linear', 'cosine', 'sigmoid'), objective=('v', 'eps'), loss=('mse', 'l1'),
-                   sampler=('ddim', 'ddpm'))
+                   schedule=('linear', 'cosine', 'sigmoid'), objective=('v', 'eps'), sampler=('ddim', 'ddpm'))
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             common.fail(f'--{k.replace("_", "-")} {getattr(cfg, k)!r} is not one of: {", ".join(allowed)}')
@@ -262,8 +260,10 @@ def check(cfg, world=1, model_known=True):  # model_known: T and cond are this r
         [int(m) for m in cfg.ch_mult.split(',')] + [int(r) for r in cfg.attn_res.split(',') if r]
     except ValueError:
         common.fail(f'--ch-mult {cfg.ch_mult!r} / --attn-res {cfg.attn_res!r} must be comma-separated integers')
-    if cfg.T < 2 or cfg.ch % 4 or not 1 <= cfg.sample_steps <= (cfg.T if model_known else 10 ** 9):
-        common.fail(f'--T {cfg.T} must be >= 2, --ch {cfg.ch} a multiple of 4, --sample-steps in 1..T')
+    if cfg.T < 2 or cfg.ch % 4:
+        common.fail(f'--T {cfg.T} must be >= 2 and --ch {cfg.ch} a multiple of 4')
+    if model_known and cfg.sample_steps > cfg.T:
+        common.fail(f'--sample-steps {cfg.sample_steps} must be at most T = {cfg.T}')
     if not -1 <= cfg.label < ddpm.NUM_CLASSES or (model_known and cfg.cond == 'none' and (cfg.label >= 0 or cfg.guidance != 1)):
         common.fail(f'--label {cfg.label} / --guidance {cfg.guidance}: need --cond class and a class 0..9 (or -1)')
     if cfg.batch_size % world or (cfg.fid_every and cfg.fid_samples < 2):
@@ -440,41 +440,24 @@ def sample_mode(cfg):
           f'decoded at t = {", ".join(str(cfg.T - k) for k in keep)})')
 
 
-def test_latents(ae, scale, cfg, device, n):
-    x = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None)[0][:n].to(device).float() / 127.5 - 1
+def test_latents(ae, scale, cfg, n):  # the first n test images and their scaled latents
+    x = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None)[0][:n].float() / 127.5 - 1
+    x = x.to(next(ae.parameters()).device)
     return x, ae.encode(x) * scale
 
 
 @torch.no_grad()
 def schedules(cfg):
-    """Exercise: beta_t and alpha_bar_t of linear and cosine at T = 10 (table, plot), and a test latent noised to
-    t = 1..10 with each schedule (the same eps), decoded."""
+    """Exercise: beta_t, alpha_bar_t (and SNR) at T = 10 by ddpm.py (schedules.csv/png), and one test latent noised
+    to t = 1..10 by linear and by cosine (the same eps), decoded: schedules_T10.png."""
     model, ae, scale, zshape, cfg = load(cfg)
-    out, device, T = Path(cfg.out), next(model.parameters()).device, 10
-    names = ('linear', 'cosine')
-    beta, ab = ({n: f(n, T) for n in names} for f in (ddpm.make_beta, ddpm.make_alpha_bar))
-    with open(out / 'schedules_T10.csv', 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['t'] + [f'{q}_{n}' for n in names for q in ('beta', 'alpha_bar')])
-        for t in range(T):
-            w.writerow([t + 1] + [f'{v[n][t]:.5f}' for n in names for v in (beta, ab)])
-            print(f't {t + 1:2d} | ' + ' | '.join(f'{n} beta {beta[n][t]:.4f} alpha_bar {ab[n][t]:.4f}' for n in names))
-    x, z0 = test_latents(ae, scale, cfg, device, 1)
-    eps = torch.randn(z0.shape, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
-    plt = common.pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.2), width_ratios=(1, 1, 2.4))
-    for n in names:
-        axes[0].plot(range(1, T + 1), beta[n], 'o-', label=n)
-        axes[1].plot(range(1, T + 1), ab[n], 'o-', label=n)
-    axes[0].set(title=r'$\beta_t$, T = 10', xlabel='t', ylabel=r'$\beta_t$', yscale='log')
-    axes[1].set(title=r'$\bar\alpha_t$, T = 10', xlabel='t', ylabel=r'$\bar\alpha_t$')
-    axes[0].legend(), axes[1].legend()
-    rows = [torch.cat([x] + [decode(ae, ddpm.q_sample(z0, ab[n][t].float(), eps), scale) for t in range(T)])
-            for n in names]
-    axes[2].imshow(common.grid_image(common.to_uint8(torch.cat(rows)), T + 1), cmap='gray')
-    axes[2].set(title='decoded z_t, t = 1..10 (left: input); rows: linear, cosine', xticks=[], yticks=[])
-    fig.savefig(out / 'schedules_T10.png')
-    print(f'wrote {out}/schedules_T10.csv and schedules_T10.png')
+    ddpm.schedule_figures(ddpm.Config(T=10, out=cfg.out))
+    x, z0 = test_latents(ae, scale, cfg, 1)
+    eps = torch.randn(z0.shape, device=z0.device, generator=torch.Generator(z0.device).manual_seed(cfg.seed))
+    rows = [torch.cat([x] + [decode(ae, ddpm.q_sample(z0, ab.float(), eps), scale)
+                             for ab in ddpm.make_alpha_bar(name, 10)]) for name in ('linear', 'cosine')]
+    common.save_grid(common.to_uint8(torch.cat(rows)), Path(cfg.out) / 'schedules_T10.png', 11)
+    print(f'wrote {cfg.out}/schedules_T10.png (row 1 linear, row 2 cosine: the input, then z_t decoded, t = 1..10)')
 
 
 @torch.no_grad()
@@ -483,7 +466,7 @@ def reimagine(cfg):
     (10, 20, 50, 100 steps). Rows: image x level; columns: input, decoded z_t, DDPM, DDIM-10 .. DDIM-100."""
     model, ae, scale, zshape, cfg = load(cfg)
     out, device = Path(cfg.out), next(model.parameters()).device
-    x, z0 = test_latents(ae, scale, cfg, device, 4)
+    x, z0 = test_latents(ae, scale, cfg, 4)
     ab, y, rows = ddpm.make_alpha_bar(cfg.schedule, cfg.T), labels(cfg, 4, device), []
     for t0 in [round(f * cfg.T) - 1 for f in (0.25, 0.5, 0.75, 1.0)]:
         g = torch.Generator(device).manual_seed(cfg.seed)

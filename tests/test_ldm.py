@@ -124,7 +124,7 @@ def test_wrong_autoencoder_gets_one_clear_error(stage1, tmp_path):
 
 @pytest.mark.parametrize('args, message', [(['--sampler', 'euler'], "--sampler 'euler' is not one of"),
                                            (['--label', '7'], 'need --cond class'),
-                                           (['--sample-steps', '50'], '--sample-steps in 1..T'),
+                                           (['--sample-steps', '50'], '--sample-steps 50 must be at most T = 20'),
                                            (['--clip-limit', '-1'], '--clip-limit -1.0 must be >= 0')])
 def test_bad_flags_get_one_clear_error(args, message):
     with pytest.raises(SystemExit, match=message):
