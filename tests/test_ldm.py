@@ -54,7 +54,7 @@ def test_z0_and_eps_from_v_invert_the_v_definition():
 
 
 def test_ddim_step_with_the_true_v_retraces_the_forward_process():
-    cfg = ldm.Config(T=50, schedule='cosine', sampler='ddim', bf16=False)
+    cfg = ldm.Config(T=50, schedule='cosine', sampler='ddim')
     ab = ddpm.make_alpha_bar('cosine', 50)
     g = torch.Generator().manual_seed(1)
     z0, eps = torch.randn(2, 3, 4, 7, 7, generator=g)
