@@ -215,9 +215,8 @@ def latents(model, path, cfg, device):
     cache = common.cache_dir() / f'ldm-latents-{cfg.dataset}-{file_hash(path)}.pt'
     if not cache.exists():
         x, y = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None)
-        z = torch.cat([model.encode(xb.to(device).float() / 127.5 - 1).cpu()
-                       for xb in tqdm(x.split(500), desc=f'encoding {len(x)} images', disable=common.dist.is_initialized()
-                                      and common.dist.get_rank() > 0)])
+        z = torch.cat([model.encode(xb.to(device).float() / 127.5 - 1).cpu()  # every rank: cheap, no waiting
+                       for xb in tqdm(x.split(500), desc=f'encoding {len(x)} images')])
         common.atomic_write(cache, lambda f: torch.save(dict(z=z, y=y), f))
     d = torch.load(cache, map_location='cpu', weights_only=True)
     return d['z'].to(device), d['y'].to(device)
@@ -264,7 +263,8 @@ def check(cfg, world=1, model_known=True):  # model_known: T and cond are this r
         common.fail(f'--T {cfg.T} must be >= 2 and --ch {cfg.ch} a multiple of 4')
     if model_known and cfg.sample_steps > cfg.T:
         common.fail(f'--sample-steps {cfg.sample_steps} must be at most T = {cfg.T}')
-    if not -1 <= cfg.label < ddpm.NUM_CLASSES or (model_known and cfg.cond == 'none' and (cfg.label >= 0 or cfg.guidance != 1)):
+    unconditional = model_known and cfg.cond == 'none'
+    if not -1 <= cfg.label < ddpm.NUM_CLASSES or (unconditional and (cfg.label >= 0 or cfg.guidance != 1)):
         common.fail(f'--label {cfg.label} / --guidance {cfg.guidance}: need --cond class and a class 0..9 (or -1)')
     if cfg.batch_size % world or (cfg.fid_every and cfg.fid_samples < 2):
         common.fail(f'--batch-size {cfg.batch_size} must divide by {world} processes; --fid-samples must be >= 2')
@@ -276,8 +276,10 @@ def train(cfg):
     out = Path(cfg.out)
     if rank == 0:
         common.claim(out)
+    tic = time.perf_counter()
     ae, vae_path = autoencoder(cfg, device, world)
     z, y = latents(ae, vae_path, cfg, device)
+    stage1 = time.perf_counter() - tic  # autoencoder training (if it ran here) and encoding
     scale = 1 / z.std().item()  # SD's 0.18215 is this number for its KL-f8 autoencoder (README)
     z, zshape = z * scale, tuple(z.shape[1:])
     scorer = ddpm.fid_scorer(cfg, None, device) if cfg.fid_every and rank == 0 else None
@@ -299,9 +301,9 @@ def train(cfg):
         start, scale = ckpt['step'], ckpt['scale']
     elif (out / 'ckpt.pt').exists():
         common.fail(f'{out}/ckpt.pt exists: pass --resume 1 to continue it, or another --out')
-    common.print0(f'stage 2: latents {tuple(z.shape)} from {vae_path} | scale factor 1/std = {scale:.5f} | U-Net '
-                  f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M on {device} x{world} | steps {start} -> '
-                  f'{cfg.steps}')
+    common.print0(f'stage 1: {stage1:.0f} s | latents {tuple(z.shape)} of {vae_path} | scale factor 1/std = {scale:.5f}'
+                  f'\nstage 2: U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M on {device} x{world} | '
+                  f'steps {start} -> {cfg.steps}')
     if rank == 0:
         (out / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     ab = ddpm.make_alpha_bar(cfg.schedule, cfg.T).float().to(device)
@@ -317,7 +319,8 @@ def train(cfg):
 
     def outputs(step, fid):
         if rank == 0:  # grids from the same noise every time, so they compare across training
-            x = sample(ema, ae, scale, 100 if cfg.cond == 'class' else 64, zshape, cfg, torch.Generator(device).manual_seed(cfg.seed))
+            g = torch.Generator(device).manual_seed(cfg.seed)
+            x = sample(ema, ae, scale, 100 if cfg.cond == 'class' else 64, zshape, cfg, g)
             common.save_grid(common.to_uint8(x), out / f'samples_{step:07d}.png', nrow=10 if cfg.cond == 'class' else 8)
         if fid and rank == 0:
             g = torch.Generator(device).manual_seed(cfg.seed + 1)
@@ -328,7 +331,7 @@ def train(cfg):
             print(f'step {step} | fid{cfg.fid_samples} {score:.4f}', file=log, flush=True)
 
     with common.stop_requested() as stop, open(out / 'log.txt', 'a') if rank == 0 else nullcontext() as log:
-        t0, last = time.perf_counter(), start
+        t0, last, tic, paused = time.perf_counter(), start, time.perf_counter(), 0.0
         for step in (pbar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0)):
             torch.manual_seed((cfg.seed * 1000 + rank) * 10 ** 9 + step)  # batch, t, noise, dropout: exact on resume
             for group in opt.param_groups:
@@ -373,12 +376,13 @@ def train(cfg):
                 save(done)
                 common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
                 raise SystemExit(130) from None
-            t0 += time.perf_counter() - pause  # timings exclude grids and FID
+            t0, paused = t0 + time.perf_counter() - pause, paused + time.perf_counter() - pause  # not counted
     if start >= cfg.steps:
         common.print0(f'{out}/ckpt.pt is already at step {start} (--steps {cfg.steps}): nothing to train')
     elif rank == 0:
         loss_curve(out)
-        print(f'done: {out}/ckpt.pt, samples_{cfg.steps:07d}.png, loss.png')
+        print(f'done: {cfg.steps - start} steps in {time.perf_counter() - tic - paused:.0f} s of stage-2 training (no '
+              f'grids, FID) -> {out}/ckpt.pt, samples_{cfg.steps:07d}.png, loss.png')
     return model, lossf
 
 
@@ -387,7 +391,7 @@ def loss_curve(out):
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([int(r[0].split()[1]) for r in rows], [float(r[1].split()[1]) for r in rows])
-    ax.set(title='latent denoiser: training loss (v-MSE per latent element)', xlabel='step', ylabel='loss', yscale='log')
+    ax.set(title='latent denoiser: training loss', xlabel='step', ylabel='MSE per latent element', yscale='log')
     fig.savefig(out / 'loss.png')
     plt.close(fig)
 
@@ -440,10 +444,12 @@ def sample_mode(cfg):
           f'decoded at t = {", ".join(str(cfg.T - k) for k in keep)})')
 
 
-def test_latents(ae, scale, cfg, n):  # the first n test images and their scaled latents
-    x = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None)[0][:n].float() / 127.5 - 1
-    x = x.to(next(ae.parameters()).device)
-    return x, ae.encode(x) * scale
+def test_latents(ae, scale, cfg, n):
+    """The first n test images, their scaled latents, and for --cond class their labels (or n times --label)."""
+    x, y = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None)
+    x, y = x[:n].float().to(next(ae.parameters()).device) / 127.5 - 1, y[:n].to(x.device)
+    y = None if cfg.cond == 'none' else y if cfg.label < 0 else torch.full_like(y, cfg.label)
+    return x, ae.encode(x) * scale, y
 
 
 @torch.no_grad()
@@ -452,7 +458,7 @@ def schedules(cfg):
     to t = 1..10 by linear and by cosine (the same eps), decoded: schedules_T10.png."""
     model, ae, scale, zshape, cfg = load(cfg)
     ddpm.schedule_figures(ddpm.Config(T=10, out=cfg.out))
-    x, z0 = test_latents(ae, scale, cfg, 1)
+    x, z0, _ = test_latents(ae, scale, cfg, 1)
     eps = torch.randn(z0.shape, device=z0.device, generator=torch.Generator(z0.device).manual_seed(cfg.seed))
     rows = [torch.cat([x] + [decode(ae, ddpm.q_sample(z0, ab.float(), eps), scale)
                              for ab in ddpm.make_alpha_bar(name, 10)]) for name in ('linear', 'cosine')]
@@ -466,8 +472,8 @@ def reimagine(cfg):
     (10, 20, 50, 100 steps). Rows: image x level; columns: input, decoded z_t, DDPM, DDIM-10 .. DDIM-100."""
     model, ae, scale, zshape, cfg = load(cfg)
     out, device = Path(cfg.out), next(model.parameters()).device
-    x, z0 = test_latents(ae, scale, cfg, 4)
-    ab, y, rows = ddpm.make_alpha_bar(cfg.schedule, cfg.T), labels(cfg, 4, device), []
+    x, z0, y = test_latents(ae, scale, cfg, 4)
+    ab, rows = ddpm.make_alpha_bar(cfg.schedule, cfg.T), []
     for t0 in [round(f * cfg.T) - 1 for f in (0.25, 0.5, 0.75, 1.0)]:
         g = torch.Generator(device).manual_seed(cfg.seed)
         zt = ddpm.q_sample(z0, ab[t0].float(), torch.randn(z0.shape, device=device, generator=g))
@@ -479,8 +485,8 @@ def reimagine(cfg):
         rows.append(torch.stack(cols, 1))  # (4, 7, C, H, W)
         if t0 == round(0.5 * cfg.T) - 1:  # the DDPM path from T/2 for the first image, decoded at 10 points
             snaps = []
-            reverse(model, zt[:1], list(range(t0 + 1)), dataclasses.replace(cfg, sampler='ddpm'), labels(cfg, 1, device),
-                    torch.Generator(device).manual_seed(cfg.seed), snaps)
+            reverse(model, zt[:1], list(range(t0 + 1)), dataclasses.replace(cfg, sampler='ddpm'), y[:1] if
+                    y is not None else None, torch.Generator(device).manual_seed(cfg.seed), snaps)
             keep = [round(i * (t0 + 1) / 9) for i in range(10)]
             common.save_grid(common.to_uint8(decode(ae, torch.cat([snaps[k] for k in keep]), scale)),
                              out / 'reimagine_path.png', 10)

@@ -111,8 +111,8 @@ def test_resume_is_bit_identical(stage1, tmp_path):
 
 
 def test_wrong_autoencoder_gets_one_clear_error(stage1, tmp_path):
-    vae.main(['--dataset', 'mnist', '--arch', 'mlp', '--device', 'cpu', '--steps', '1', '--eval-n', '4', '--eval-k', '2',
-              '--out', str(tmp_path / 'mlp')])
+    vae.main(['--dataset', 'mnist', '--arch', 'mlp', '--device', 'cpu', '--steps', '1', '--eval-n', '4',
+              '--eval-k', '2', '--out', str(tmp_path / 'mlp')])
     with pytest.raises(SystemExit, match=r'--arch mlp model of mnist; ldm.py needs the spatial autoencoder'):
         ldm.main(TINY + ['--out', str(tmp_path / 'x'), '--vae', str(tmp_path / 'mlp' / 'ckpt.pt')])
     with pytest.raises(SystemExit, match=r'model of mnist; ldm.py needs .* of fashion-mnist'):
@@ -161,3 +161,7 @@ def test_class_conditional_run_samples_a_label_with_guidance(stage1, tmp_path):
     ldm.main(['--device', 'cpu', '--mode', 'sample', '--out', str(tmp_path), '--n-samples', '3', '--label', '7',
               '--guidance', '3', '--save', 'npz', '--sample-steps', '3'])
     assert np.load(tmp_path / 'samples.npz')['arr_0'].shape == (3, 28, 28, 1)
+    for mode in ('reimagine', 'schedules'):  # the exercise figures run on a class-conditional model too
+        ldm.main(['--device', 'cpu', '--mode', mode, '--out', str(tmp_path), '--sample-steps', '3'])
+    assert Image.open(tmp_path / 'reimagine.png').size == (7 * 30 + 2, 16 * 30 + 2)  # 4 images x 4 levels, 7 columns
+    assert Image.open(tmp_path / 'schedules_T10.png').size == (11 * 30 + 2, 2 * 30 + 2)
