@@ -165,3 +165,21 @@ def test_class_conditional_run_samples_a_label_with_guidance(stage1, tmp_path):
         ldm.main(['--device', 'cpu', '--mode', mode, '--out', str(tmp_path), '--sample-steps', '3'])
     assert Image.open(tmp_path / 'reimagine.png').size == (7 * 30 + 2, 16 * 30 + 2)  # 4 images x 4 levels, 7 columns
     assert Image.open(tmp_path / 'schedules_T10.png').size == (11 * 30 + 2, 2 * 30 + 2)
+
+
+def test_fid_during_training_scores_decoded_uint8_samples(stage1, tmp_path, monkeypatch):
+    import eval_fid
+    seen = []
+
+    class FakeScorer:  # the Inception network is eval_fid.py's business (tests/test_fid.py); here only the plumbing
+        def __init__(self, ref, device, **kwargs):
+            seen.append(ref)
+
+        def __call__(self, x):
+            seen.append((x.dtype, tuple(x.shape)))
+            return 12.5
+    monkeypatch.setattr(eval_fid, 'Scorer', FakeScorer)
+    ldm.main(TINY + ['--out', str(tmp_path), '--vae', str(stage1 / 'vae' / 'ckpt.pt'), '--steps', '2',
+                     '--fid-every', '1', '--fid-samples', '5', '--sample-batch', '2'])
+    assert seen == ['mnist:train'] + [(torch.uint8, (5, 1, 28, 28))] * 2  # after steps 1 and 2
+    assert 'step 2 | fid5 12.5000' in (tmp_path / 'log.txt').read_text()
