@@ -402,10 +402,13 @@ def loss_curve(out):
 
 def load(cfg):
     """(ema model, autoencoder, scale, zshape, cfg with the checkpoint's model settings) from --out/ckpt.pt."""
-    device = common.setup(cfg.device)[0]
+    device, _, world = common.setup(cfg.device)
     ckpt = common.load_ckpt(Path(cfg.out) / 'ckpt.pt', 'ldm')
     cfg = dataclasses.replace(cfg, **{k: ckpt['config'][k] for k in MODEL_KEYS})
     check(cfg)
+    if world > 1 or not Path(ckpt['vae']).exists():
+        common.fail(f'--mode {cfg.mode} runs in one process (not under torchrun), with the autoencoder the model was '
+                    f'trained on: {ckpt["vae"]}' + ('' if Path(ckpt['vae']).exists() else ', which is missing'))
     ae, path = autoencoder(dataclasses.replace(cfg, vae=ckpt['vae']), device, 1)
     if file_hash(path) != ckpt['vae_hash']:
         common.fail(f'{path} changed since this model was trained on its latents (hash {ckpt["vae_hash"]})')

@@ -120,6 +120,14 @@ def test_wrong_autoencoder_gets_one_clear_error(stage1, tmp_path):
                          '--vae', str(stage1 / 'vae' / 'ckpt.pt')])
     with pytest.raises(SystemExit, match='was not written by vae'):
         ldm.main(TINY + ['--out', str(tmp_path / 'z'), '--vae', str(stage1 / 'run' / 'ckpt.pt')])
+    ckpt = torch.load(stage1 / 'run' / 'ckpt.pt', weights_only=True)
+    (tmp_path / 'moved').mkdir()
+    torch.save(dict(ckpt, vae=str(tmp_path / 'gone.pt')), tmp_path / 'moved' / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='gone.pt, which is missing'):  # not a silently retrained autoencoder
+        ldm.main(['--device', 'cpu', '--mode', 'sample', '--out', str(tmp_path / 'moved'), '--sample-steps', '3'])
+    torch.save(dict(ckpt, vae=str(tmp_path / 'mlp' / 'ckpt.pt')), tmp_path / 'moved' / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='--arch mlp model'):
+        ldm.main(['--device', 'cpu', '--mode', 'sample', '--out', str(tmp_path / 'moved'), '--sample-steps', '3'])
 
 
 @pytest.mark.parametrize('args, message', [(['--sampler', 'euler'], "--sampler 'euler' is not one of"),
