@@ -165,7 +165,7 @@ class LatentUNet(nn.Module):
         self.unet = ddpm.make_model(dataclasses.replace(ddpm.Config(), class_cond=False, **{
             k: getattr(cfg, k) for k in ('ch', 'ch_mult', 'num_res_blocks', 'attn_res', 'dropout')}),
             zshape[0], self.size + self.pad)
-        self.xattn = nn.ModuleList()
+        self.xattn = []  # the CrossAttention blocks, registered inside the U-Net (a ModuleList would save them twice)
         if cfg.cond == 'class':  # label -> N_TOKENS context tokens; row NUM_CLASSES is the null label of guidance
             self.tokens = nn.Embedding(ddpm.NUM_CLASSES + 1, N_TOKENS * 4 * cfg.ch)
             for block in self.unet.modules():
@@ -174,7 +174,7 @@ class LatentUNet(nn.Module):
                     block.attn = nn.Sequential(block.attn, self.xattn[-1])
 
     def forward(self, z, t, y=None):
-        if len(self.xattn):
+        if self.xattn:
             y = torch.full_like(t, ddpm.NUM_CLASSES) if y is None else y
             context = self.tokens(y).view(len(y), N_TOKENS, -1)  # (B, L, D)
             for m in self.xattn:
