@@ -317,13 +317,13 @@ def train(cfg):
                                                    opt=opt.state_dict(), step=step, scale=scale, vae=str(vae_path),
                                                    vae_hash=file_hash(vae_path), config=dataclasses.asdict(cfg)))
 
-    def outputs(step, fid):
-        if rank == 0:  # grids from the same noise every time, so they compare across training
-            g = torch.Generator(device).manual_seed(cfg.seed)
-            x = sample(ema, ae, scale, 100 if cfg.cond == 'class' else 64, zshape, cfg, g)
-            common.save_grid(common.to_uint8(x), out / f'samples_{step:07d}.png', nrow=10 if cfg.cond == 'class' else 8)
-        if fid and rank == 0:
-            g = torch.Generator(device).manual_seed(cfg.seed + 1)
+    def outputs(step, fid):  # a grid from the same noise every time (grids compare across training); FID
+        if rank != 0:
+            return
+        g, n = torch.Generator(device).manual_seed(cfg.seed), 100 if cfg.cond == 'class' else 64
+        common.save_grid(common.to_uint8(sample(ema, ae, scale, n, zshape, cfg, g)), out / f'samples_{step:07d}.png',
+                         nrow=10 if cfg.cond == 'class' else 8)
+        if fid:
             x = torch.cat([sample(ema, ae, scale, len(b), zshape, cfg, g) for b in
                            tqdm(torch.arange(cfg.fid_samples).split(cfg.sample_batch), desc='FID samples')])
             score = scorer(common.to_uint8(x))
@@ -368,10 +368,9 @@ def train(cfg):
             pause = time.perf_counter()
             try:
                 with stop.now():
-                    if (cfg.sample_every and done % cfg.sample_every == 0) or final:
-                        outputs(done, cfg.fid_every and (done % cfg.fid_every == 0 or final))
-                    elif cfg.fid_every and done % cfg.fid_every == 0:
-                        outputs(done, True)
+                    fid = cfg.fid_every and (done % cfg.fid_every == 0 or final)
+                    if fid or final or (cfg.sample_every and done % cfg.sample_every == 0):
+                        outputs(done, fid)
             except KeyboardInterrupt:
                 save(done)
                 common.print0(f'\nstopped at step {done}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
