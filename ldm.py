@@ -218,7 +218,10 @@ def latents(model, path, cfg, device):
         z = torch.cat([model.encode(xb.to(device).float() / 127.5 - 1).cpu()  # every rank: cheap, no waiting
                        for xb in tqdm(x.split(500), desc=f'encoding {len(x)} images')])
         common.atomic_write(cache, lambda f: torch.save(dict(z=z, y=y), f))
-    d = torch.load(cache, map_location='cpu', weights_only=True)
+    try:
+        d = torch.load(cache, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise common.DataError(f'{cache}: unreadable cached latents ({type(e).__name__}); delete it to encode again')
     return d['z'].to(device), d['y'].to(device)
 
 

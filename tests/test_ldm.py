@@ -90,6 +90,11 @@ def test_two_stages_write_checkpoints_grids_and_samples(stage1):
     stamp = cache[0].stat().st_mtime_ns
     ldm.main(TINY + ['--out', str(stage1 / 'run2'), '--vae', str(stage1 / 'vae' / 'ckpt.pt'), '--steps', '1'])
     assert cache[0].stat().st_mtime_ns == stamp  # the second run reused the cached latents
+    good = cache[0].read_bytes()
+    cache[0].write_bytes(good[:1000])
+    with pytest.raises(SystemExit, match='unreadable cached latents.*delete it'):
+        ldm.main(TINY + ['--out', str(stage1 / 'run3'), '--vae', str(stage1 / 'vae' / 'ckpt.pt'), '--steps', '1'])
+    cache[0].write_bytes(good)
     ldm.main(['--device', 'cpu', '--mode', 'sample', '--out', str(run), '--n-samples', '5', '--sample-batch', '2',
               '--sampler', 'ddpm', '--sample-steps', '4', '--clip-limit', '3'])
     x = np.load(run / 'samples.npz')['arr_0']
