@@ -434,8 +434,7 @@ def sample_mode(cfg):
     fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 3))
     for ax, (sampler, steps) in zip(axes, runs):
         g = torch.Generator(device).manual_seed(cfg.seed)
-        x = sample(model, ae, scale, 25, zshape, dataclasses.replace(cfg, sampler=sampler, label=-1 if cfg.label < 0
-                                                                       else cfg.label), g, steps)
+        x = sample(model, ae, scale, 25, zshape, dataclasses.replace(cfg, sampler=sampler), g, steps)
         ax.imshow(common.grid_image(common.to_uint8(x), 5), cmap='gray')
         ax.set(title=f'{sampler.upper()}, {steps} steps', xticks=[], yticks=[])
     fig.suptitle('the same 25 z_T, decoded after the reverse process in latent space')
