@@ -4,13 +4,15 @@ layers, trained by exact maximum likelihood through the change of variables log 
 
     python flows.py --dataset moons                     # two moons: data, learned density p(x), samples; held-out NLL
     python flows.py --dataset mnist                     # multi-scale RealNVP: test bits/dim, grids at T = 1.0 and 0.7
-    python flows.py --dataset mnist --device cpu        # the CPU run of the README (<= 1.5 bits/dim in < 20 min)
+    python flows.py --dataset mnist --device cpu        # the CPU run of the README (test bits/dim, ~20 min)
     torchrun --standalone --nproc_per_node=8 flows.py --dataset cifar10 --fid-every 50000
     python flows.py --mode sample --out runs/flows-mnist --n-samples 10000 --temperature 0.7   # PNGs + .npz
     python flows.py --mode bench --dataset cifar10      # training img/s and peak memory
 
-Bits/dim are of the dequantised pixels x = k + u in [0, 256)^D, u ~ U[0, 1)^D, one noise draw per test image (see
-bits_per_dim). Act-norm (Glow) stands in for the paper's batch norm: it is exact under --resume and its log-det is a
+Measured (2 CPU cores, x86-64 VM, torch 2.13.0+cpu, one thread): moons held-out NLL 0.321 nats/point in 23 s;
+MNIST CPU preset, 4000 steps: test 1.579 bits/dim (all 10,000 test images) in 20 min 35 s (README: the target is
+<= 1.5). Bits/dim are of the dequantised pixels x = k + u in [0, 256)^D, u ~ U[0, 1)^D, one noise draw per test
+image (see bits_per_dim). Act-norm (Glow) stands in for the paper's batch norm: it is exact under --resume and its log-det is a
 closed form. Defaults follow the paper's structure; on a CPU the nets shrink (PRESETS). Flags beat presets.
 """
 import dataclasses, json, math, resource, time
