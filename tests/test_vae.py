@@ -103,8 +103,8 @@ def test_train_then_sample_writes_grid_checkpoint_and_npz(tmp_path):
 
 def test_autoencoder_for_ldm_on_rgb_with_rfid(tmp_path, monkeypatch):
     monkeypatch.setenv('FID_WEIGHTS', str(vae.common.data_dir() / 'weights' / 'pt_inception-2015-12-05-nofc.pth'))
-    _, m = run(tmp_path, '--dataset', 'cifar10-subset', '--arch', 'ae', '--latent', '4', '--steps', '2', '--eval-n', '6',
-               '--rfid', '6')
+    _, m = run(tmp_path, '--dataset', 'cifar10-subset', '--arch', 'ae', '--latent', '4', '--steps', '2',
+               '--eval-n', '6', '--rfid', '6')
     assert m['unit'] == 'per dim' and 'iwae' not in m and m['psnr'] > 0 and m['rfid'] > 0  # the real Inception
     model, cfg = vae.load_autoencoder(tmp_path / 'ckpt.pt')
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -180,7 +180,8 @@ def test_checkpoint_refuses_other_data(tmp_path):
 
 def _ddp_worker(rank, port, out):
     import os
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
     torch.set_num_threads(1)
     model, _ = vae.train(vae.common.parse_config(vae.Config, vae.presets, TINY + ['--out', out, '--steps', '3']))
     torch.save(model.state_dict(), f'{out}/rank{rank}.pt')
