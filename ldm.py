@@ -514,7 +514,7 @@ def bench(cfg, steps=10):
     y = labels(dataclasses.replace(cfg, label=-1), cfg.batch_size, device)
     with FlopCounterMode(display=False) as counter:
         ddpm.loss_fn(model, z, y, ab, cfg, nullcontext()).backward()
-    sync = torch.cuda.synchronize if 'cuda' in device.type else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -527,10 +527,11 @@ def bench(cfg, steps=10):
     sample(model.eval(), ae, scale, cfg.sample_batch, zshape, cfg, torch.Generator(device).manual_seed(0))
     sync()
     per_image = (time.perf_counter() - t1) / cfg.sample_batch
+    peak = f'{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB' if device.type == 'cuda' else 'n/a'
     print(f'{device} | torch {torch.__version__} | latents {zshape} | batch {cfg.batch_size} | '
-          f'{counter.get_total_flops() / 1e9:.2f} GFLOP per training step | {1000 * dt:.1f} ms/step | sampling '
-          f'{1000 * per_image:.2f} ms/image ({cfg.sampler}, {cfg.sample_steps} steps, batch {cfg.sample_batch}, decode '
-          f'included)')
+          f'{counter.get_total_flops() / 1e9:.2f} GFLOP per training step | {1000 * dt:.1f} ms/step, '
+          f'{cfg.batch_size / dt:.0f} img/s | peak memory {peak} | sampling {1000 * per_image:.2f} ms/image '
+          f'({cfg.sampler}, {cfg.sample_steps} steps, batch {cfg.sample_batch}, decode included)')
 
 
 def main(argv=None):

@@ -178,6 +178,8 @@ def test_class_conditional_run_samples_a_label_with_guidance(stage1, tmp_path):
         ldm.main(['--device', 'cpu', '--mode', mode, '--out', str(tmp_path), '--sample-steps', '3'])
     assert Image.open(tmp_path / 'reimagine.png').size == (7 * 30 + 2, 16 * 30 + 2)  # 4 images x 4 levels, 7 columns
     assert Image.open(tmp_path / 'schedules_T10.png').size == (11 * 30 + 2, 2 * 30 + 2)
+    ldm.main(['--device', 'cpu', '--mode', 'bench', '--out', str(tmp_path), '--sample-steps', '3', '--batch-size', '8',
+              '--sample-batch', '4'])
 
 
 def test_fid_during_training_scores_decoded_uint8_samples(stage1, tmp_path, monkeypatch):
