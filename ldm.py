@@ -283,7 +283,7 @@ def train(cfg):
         common.claim(out)
     tic = time.perf_counter()
     ae, vae_path = autoencoder(cfg, device, world)
-    z, y = latents(ae, vae_path, cfg, device)
+    z, y, vae_hash = *latents(ae, vae_path, cfg, device), file_hash(vae_path)
     stage1 = time.perf_counter() - tic  # autoencoder training (if it ran here) and encoding
     scale = 1 / z.std().item()  # SD's 0.18215 is this number for its KL-f8 autoencoder (README)
     z, zshape = z * scale, tuple(z.shape[1:])
@@ -298,7 +298,7 @@ def train(cfg):
         if changed := [k for k in MODEL_KEYS if ckpt['config'][k] != getattr(cfg, k)]:
             common.fail(f'--resume: the checkpoint has different {", ".join(changed)}; pass the same values, e.g. ' +
                         ' '.join(f'--{k.replace("_", "-")} {ckpt["config"][k]}' for k in changed))
-        if ckpt['vae_hash'] != file_hash(vae_path):
+        if ckpt['vae_hash'] != vae_hash:
             common.fail(f'--resume: {vae_path} is not the autoencoder this run was trained on ({ckpt["vae"]})')
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
@@ -320,7 +320,7 @@ def train(cfg):
         if rank == 0:
             common.save_ckpt(out / 'ckpt.pt', dict(script='ldm', model=model.state_dict(), ema=ema.state_dict(),
                                                    opt=opt.state_dict(), step=step, scale=scale, vae=str(vae_path),
-                                                   vae_hash=file_hash(vae_path), config=dataclasses.asdict(cfg)))
+                                                   vae_hash=vae_hash, config=dataclasses.asdict(cfg)))
 
     def outputs(step, fid):  # a grid from the same noise every time (grids compare across training); FID
         if rank != 0:
