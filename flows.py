@@ -12,8 +12,8 @@ layers, trained by exact maximum likelihood through the change of variables log 
 Measured (2 CPU cores, x86-64 VM, torch 2.13.0+cpu, one thread): moons held-out NLL 0.321 nats/point in 23 s;
 MNIST CPU preset, 4000 steps: test 1.579 bits/dim (all 10,000 test images) in 20 min 35 s (README: the target is
 <= 1.5). Bits/dim are of the dequantised pixels x = k + u in [0, 256)^D, u ~ U[0, 1)^D, one noise draw per test
-image (see bits_per_dim). Act-norm (Glow) stands in for the paper's batch norm: it is exact under --resume and its log-det is a
-closed form. Defaults follow the paper's structure; on a CPU the nets shrink (PRESETS). Flags beat presets.
+image (see bits_per_dim). Act-norm (Glow) stands in for the paper's batch norm: it is exact under --resume and its
+log-det is a closed form. Defaults follow the paper's structure; on a CPU the nets shrink (PRESETS). Flags beat presets.
 """
 import dataclasses, json, math, resource, time
 from contextlib import nullcontext
