@@ -69,7 +69,7 @@ PRESETS = {  # applied below explicit flags; keyed by dataset, then 'cpu' on top
                   sample_every=0, sample_batch=5000),
     'mnist': dict(scales=3),
     'cifar10': dict(scales=3, flip=True),
-    'cpu': dict(ch=32, blocks=2, steps=5000, batch_size=64, warmup=200, log_every=100, ckpt_every=1000,
+    'cpu': dict(ch=32, blocks=2, steps=4000, batch_size=64, warmup=200, log_every=100, ckpt_every=1000,
                 sample_every=0, compile=False),
 }
 PRESETS['fashion-mnist'], PRESETS['cifar10-subset'] = PRESETS['mnist'], PRESETS['cifar10']
