@@ -10,6 +10,9 @@ WGAN-GP (Gulrajani et al. 2017, arXiv:1704.00028, --loss wgan-gp), and the exerc
     python gan.py --mode versus --epochs 5                 # exercise: BCE vs WGAN-GP after the same number of epochs
     python gan.py --mode inpaint                           # exercise: inpainting, masked MSE alone vs + adversarial
     python gan.py --mode bench --dataset cifar10           # img/s and peak memory of G+D training steps
+
+Measured: the CPU quick start trains in 3 min 29 s on 2 CPU cores (6,000 steps, ch 32, 0.35M + 0.04M parameters);
+FID 30.3 of 2,000 samples against the 10,000 MNIST test images (eval_fid.py, pytorch-fid mode). GPU: not yet run.
 """
 import copy, dataclasses, json, math, re, sys, time
 from contextlib import nullcontext
