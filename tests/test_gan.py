@@ -242,3 +242,10 @@ def test_versus_study_trains_both_losses_for_the_same_epochs(tmp_path, fake_scor
     cfg = torch.load(tmp_path / 'wgan-gp' / 'ckpt.pt', weights_only=True)['config']
     assert (cfg['lr'], cfg['beta1'], cfg['beta2'], cfg['n_critic'], cfg['gp_lambda']) == (1e-4, 0.0, 0.9, 5, 10.0)
     assert torch.load(tmp_path / 'bce' / 'ckpt.pt', weights_only=True)['config']['beta1'] == 0.5
+
+
+def test_bench_prints_throughput(tmp_path, capsys):
+    run(tmp_path, '--mode', 'bench', '--loss', 'wgan-gp')
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 'wgan-gp, n_critic 5, batch 8' in line and float(line.split(' img/s')[0].split('| ')[-1]) > 0
+    assert not (tmp_path / 'ckpt.pt').exists()  # it trains in a temporary folder
