@@ -198,7 +198,8 @@ def test_dataset_stats_are_cached_and_download_errors_are_clear(monkeypatch, mod
     mu, sigma = eval_fid.reference_stats('mnist:test', model=model)
     mu2, sigma2 = eval_fid.reference_stats('mnist:test', model=model)  # from the cache: no second load
     assert calls == ['mnist'] and np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2) and mu.shape == (2048,)
-    assert (tmp_path / 'fid-stats-mnist-test-pytorch-fid.npz').exists()
+    # the cache is keyed by the Inception weights, so other weights never reuse these statistics
+    assert (tmp_path / f'fid-stats-mnist-test-pytorch-fid-{model.weights_id}.npz').exists()
     monkeypatch.delenv('FID_WEIGHTS')  # no weights given: a download, here failing
     monkeypatch.setattr(eval_fid.common, 'download', download)
     message = error_of('mnist:test', 'mnist:train')
