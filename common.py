@@ -267,6 +267,12 @@ def read_cifar10(path):
     return {k: (np.concatenate(x), np.concatenate(y)) for k, (x, y) in out.items()}
 
 
+def image_shape(cfg):
+    """(C, H, W) of the images a run's Config (its .dataset, and .image_size for image folders) trains on."""
+    info = DATASETS.get(cfg.dataset, dict(channels=3, size=cfg.image_size))
+    return info['channels'], info['size'], info['size']
+
+
 def load_dataset(name, split='train', root=None, image_size=None):
     """(x uint8 (N, C, H, W), y int64 (N,) or None) for a dataset name or a folder of images."""
     if name not in DATASETS:

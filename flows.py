@@ -318,8 +318,7 @@ def data_init(flow, x, alpha):
 def image_shape(cfg):
     if cfg.dataset == 'moons':
         return (2,)
-    info = common.DATASETS.get(cfg.dataset, dict(channels=3, size=cfg.image_size))
-    return info['channels'], info['size'], info['size']
+    return common.image_shape(cfg)
 
 
 # -----------------------------------------------------------------------------

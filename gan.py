@@ -166,11 +166,6 @@ def make_models(cfg, C, H):  # the inpainting G: a small ddpm U-Net on (masked i
     return G or generator(cfg, C, H), discriminator(cfg, C, H)
 
 
-def image_shape(cfg):
-    info = common.DATASETS.get(cfg.dataset, dict(channels=3, size=cfg.image_size))
-    return info['channels'], info['size']
-
-
 # -----------------------------------------------------------------------------
 # Sampling: z ~ N(0, I) with no truncation, batch i from seed (seed, i); inpainting fills test images in fixed masks
 
@@ -212,7 +207,7 @@ def check(cfg, world=1):
                                        'ckpt_every', 'fid_samples', 'n_samples', 'sample_batch'),
                         nonnegative=('gp_lambda', 'epochs', 'sample_every', 'fid_every', 'adv_weight'),
                         unit=('beta1', 'beta2', 'ema'))
-    if image_shape(cfg)[1] not in LEVELS or cfg.batch_size % world:
+    if common.image_shape(cfg)[1] not in LEVELS or cfg.batch_size % world:
         common.fail(f'--image-size must be 28, 32 or 64 and --batch-size divisible by the {world} processes')
     if (cfg.inpaint or cfg.mode == 'inpaint') and (cfg.dataset not in common.DATASETS or cfg.ch % 4 or
                                                    cfg.loss != 'bce'):
@@ -370,7 +365,7 @@ def train(cfg):
 def load_generator(out, device):
     ckpt = common.load_ckpt(Path(out) / 'ckpt.pt', 'gan')
     cfg = Config(**{k: v for k, v in ckpt['config'].items() if k in Config.__dataclass_fields__})
-    G = make_models(cfg, *image_shape(cfg))[0]
+    G = make_models(cfg, *common.image_shape(cfg)[:2])[0]
     G.load_state_dict(ckpt['ema'])
     return G.to(device), cfg
 

@@ -86,11 +86,6 @@ def presets(v):
     return p
 
 
-def image_shape(cfg):
-    info = common.DATASETS.get(cfg.dataset, dict(channels=3, size=cfg.image_size))
-    return info['channels'], info['size'], info['size']
-
-
 # -----------------------------------------------------------------------------
 # Maths: the KL term, the discretised logistic likelihood, the ELBO and IWAE bounds
 
@@ -208,7 +203,7 @@ def load_autoencoder(path):
     """The model of a vae.py checkpoint (eval mode, CPU) and its Config: model.encode(x) -> z, model.decode(z) -> x."""
     ckpt = common.load_ckpt(path, 'vae')
     cfg = Config(**{k: v for k, v in ckpt['config'].items() if k in Config.__dataclass_fields__})
-    model = VAE(cfg, *image_shape(cfg)[:2])
+    model = VAE(cfg, *common.image_shape(cfg)[:2])
     model.load_state_dict(ckpt['model'])
     return model.eval(), cfg
 
@@ -301,8 +296,8 @@ def check(cfg, world=1):
     down = cfg.f if cfg.arch == 'ae' else 4 if cfg.arch == 'conv' else 1
     if cfg.arch == 'ae' and cfg.f not in (2, 4):
         common.fail(f'--f {cfg.f}: the autoencoder downsamples by 2 or 4')
-    if image_shape(cfg)[1] % down:
-        common.fail(f'{image_shape(cfg)[1]}x{image_shape(cfg)[1]} images cannot be downsampled by {down}')
+    if (size := common.image_shape(cfg)[1]) % down:
+        common.fail(f'{size}x{size} images cannot be downsampled by {down}')
     if cfg.arch != 'ae' and cfg.likelihood in ('l1', 'l2'):
         common.fail(f'--likelihood {cfg.likelihood} is a reconstruction loss, not a likelihood: only for --arch ae')
     if cfg.batch_size % world:
@@ -460,7 +455,7 @@ def sweep(cfg):
 def bench(cfg, steps=20):
     """Training throughput at --batch-size on random data: img/s and peak memory."""
     device = common.setup(cfg.device)[0]
-    cuda, (C, H, _) = 'cuda' in device, image_shape(cfg)
+    cuda, (C, H, _) = 'cuda' in device, common.image_shape(cfg)
     model = VAE(cfg, C, H).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     xb = to_model(torch.randint(0, 256, (cfg.batch_size, C, H, H), dtype=torch.uint8, device=device), cfg.likelihood)
