@@ -300,19 +300,13 @@ class UNet(nn.Module):
         return self.conv_out(self.norm_out(h))
 
 
-def image_shape(cfg):
-    """(C, H, W) of the images a Config trains on."""
-    info = common.DATASETS.get(cfg.dataset, dict(channels=3, size=cfg.image_size))
-    return info['channels'], info['size'], info['size']
-
-
 def load_model(path):
     """The EMA U-Net of a ddpm.py checkpoint (eval mode, CPU) and the Config it was trained with."""
     ckpt = common.load_ckpt(path, 'ddpm')
     if not isinstance(ckpt.get('ema'), dict) or not isinstance(ckpt.get('config'), dict):
         common.fail(f'{path} has no EMA weights or config: not a complete ddpm.py checkpoint')
     cfg = Config(**{k: v for k, v in ckpt['config'].items() if k in Config.__dataclass_fields__})
-    model = make_model(cfg, *image_shape(cfg)[:2])
+    model = make_model(cfg, *common.image_shape(cfg)[:2])
     try:
         model.load_state_dict(ckpt['ema'])
     except RuntimeError as e:
@@ -599,7 +593,7 @@ def sample_from_checkpoint(cfg):
         common.claim(out)
     model = model.to(device)
     mcfg = dataclasses.replace(cfg, **{k: getattr(trained, k) for k in MODEL_KEYS})  # the model's own settings
-    shape = image_shape(mcfg)
+    shape = common.image_shape(mcfg)
     x = sample_many(model, cfg.n_samples, shape, mcfg, rank, world)
     if rank != 0:
         return
@@ -668,7 +662,8 @@ def schedule_figures(cfg):
     axes[2].axhline(1, color='gray', lw=0.8, ls='--')
     fig.savefig(out / 'schedules.png')
     for n in names:
-        print(f'{n:8s} SNR(t) = 1 at t = {t[np.argmax(snr[n] < 1)]} | alpha_bar_T = {ab[n][-1]:.2e}')
+        cross = t[np.argmax(snr[n] < 1)] if (snr[n] < 1).any() else 'never (SNR > 1 throughout)'
+        print(f'{n:8s} SNR(t) = 1 at t = {cross} | alpha_bar_T = {ab[n][-1]:.2e}')
     print(f'wrote {out}/schedules.csv and {out}/schedules.png')
 
 
@@ -679,7 +674,7 @@ def bench(cfg, steps=50):
     """Training throughput of this config at --batch-size on random data: img/s, peak memory, model FLOP utilisation."""
     device, _, _ = common.setup(cfg.device)
     cuda = 'cuda' in device
-    C, H, W = image_shape(cfg)
+    C, H, W = common.image_shape(cfg)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, C, H).to(device)
     if cuda:  # as train() runs it: NHWC, fused AdamW, cuDNN autotuning
@@ -717,7 +712,8 @@ def bench(cfg, steps=50):
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if cuda and cfg.bf16 else None
     print(f'{name} | torch {torch.__version__} | batch {cfg.batch_size} | compile {int(cfg.compile and cuda)} | '
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params')
-    print(f'{1000 * dt:.1f} ms/step | {cfg.batch_size / dt:.0f} img/s | '
+    print(f'{counter.get_total_flops() / 1e9:.2f} GFLOP/step (forward + backward) | {1000 * dt:.1f} ms/step | '
+          f'{cfg.batch_size / dt:.0f} img/s | '
           f'peak memory {torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"):.2f} GiB | '
           f'{flops / 1e12:.1f} TFLOP/s' + (f' | MFU {100 * flops / peak:.1f}% of {peak / 1e12:.0f}' if peak else ''))
 

@@ -66,6 +66,13 @@ def test_linear_schedule_is_the_papers():
     assert beta[0].item() == pytest.approx(1e-4) and beta[-1].item() == pytest.approx(0.02)
 
 
+def test_schedules_report_where_snr_crosses_one(tmp_path, capsys):
+    # linear at T = 10 (ldm.py's exercise) keeps alpha_bar near 0.9: SNR never falls to 1, and saying t = 1 is wrong
+    ddpm.schedule_figures(ddpm.Config(T=10, out=str(tmp_path)))
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if 'SNR(t) = 1' in line}
+    assert 'never' in lines['linear'] and 'at t = 5 |' in lines['cosine']
+
+
 def test_ddpm_step_is_algorithm_2():
     # Ho et al. Alg. 2, line 4, written from beta alone: x_{t-1} = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t)
     # + sigma_t z, with sigma_t^2 = beta tilde_t = (1 - ab_{t-1}) / (1 - ab_t) beta_t (the 'small' variance, eq. 7)
