@@ -1,5 +1,5 @@
 """flows.py: exact inverses and log-determinants, bits/dim by hand, the moons density, train/resume/sample, errors."""
-import contextlib, math, os, signal, socket, subprocess, sys, time
+import contextlib, math, os, socket
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from helpers import sigterm_run
 import flows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,17 +204,7 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    cmd = [sys.executable, os.path.join(ROOT, 'flows.py')] + TINY + ['--out', str(tmp_path), '--steps', '100000',
-                                                                     '--ckpt-every', '100000']
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / 'log.txt').exists() or 'step 3 ' not in (tmp_path / 'log.txt').read_text():
-        assert p.poll() is None and time.time() < deadline, p.stdout.read()
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(60) == 130
-    step = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step']
+    step = sigterm_run('flows.py', TINY + ['--out', tmp_path, '--steps', '100000', '--ckpt-every', '100000'], tmp_path)
     assert step >= 3
     run(tmp_path, '--steps', str(step + 1), '--resume', '1')
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == step + 1

@@ -1,6 +1,6 @@
 """gan.py: the WGAN-GP penalty and its per-example interpolation, the optimal discriminator, inpainting's masking, and
 tiny end-to-end runs (train, sample, resume bit-identically, DDP, studies, bad input) on CPU."""
-import os, signal, socket, subprocess, sys, time
+import os, socket
 
 import numpy as np
 import pytest
@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from PIL import Image
 
+from helpers import sigterm_run
 import common
 import gan
 
@@ -147,17 +148,7 @@ def test_finished_run_and_changed_model_on_resume(tmp_path, capsys):
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    cmd = [sys.executable, os.path.join(os.path.dirname(gan.__file__), 'gan.py'), *TINY, '--out', str(tmp_path),
-           '--steps', '100000', '--ckpt-every', '100000']
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / 'log.txt').exists() or 'step 3 ' not in (tmp_path / 'log.txt').read_text():
-        assert p.poll() is None and time.time() < deadline, p.stdout.read()
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(60) == 130
-    step = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step']
+    step = sigterm_run('gan.py', TINY + ['--out', tmp_path, '--steps', '100000', '--ckpt-every', '100000'], tmp_path)
     assert step >= 3
     run(tmp_path, '--steps', str(step + 1), '--resume', '1')
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == step + 1

@@ -1,12 +1,13 @@
 """ldm.py on CPU: the v maths, the latent DDIM step against the forward process, the scale factor, both stages end to
 end, exact resume, cross-attention, and clear errors for a wrong autoencoder."""
-import math, os, signal, subprocess, sys, time
+import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import sigterm_run
 import common
 import ddpm
 import ldm
@@ -201,18 +202,8 @@ def test_fid_during_training_scores_decoded_uint8_samples(stage1, tmp_path, monk
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(stage1, tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(root, 'ldm.py')] + TINY + [
-        '--out', str(tmp_path), '--vae', str(stage1 / 'vae' / 'ckpt.pt'), '--steps', '100000', '--ckpt-every', '100000']
-    p = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)  # reuses the cached latents of the tiny autoencoder
-    deadline = time.time() + 120
-    while not (tmp_path / 'log.txt').exists() or 'step 3 ' not in (tmp_path / 'log.txt').read_text():
-        assert p.poll() is None and time.time() < deadline, p.stdout.read()
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(60) == 130
-    step = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step']
+    step = sigterm_run('ldm.py', TINY + ['--out', tmp_path, '--vae', stage1 / 'vae' / 'ckpt.pt', '--steps', '100000',
+                                         '--ckpt-every', '100000'], tmp_path)  # reuses the tiny autoencoder's latents
     assert step >= 3
     ldm.main(TINY + ['--out', str(tmp_path), '--vae', str(stage1 / 'vae' / 'ckpt.pt'), '--steps', str(step + 1),
                      '--resume', '1'])

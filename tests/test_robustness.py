@@ -1,12 +1,13 @@
 """What a run must survive: signals in every phase, divergence, two runs in one folder, stale outputs, resumes at the
 end, odd images and caches, and bad flags. Each test was checked to fail on the code before its fix."""
-import os, signal, subprocess, sys, time
+import os, subprocess, sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import sigterm_run
 import common
 import ddim
 import ddpm
@@ -55,25 +56,9 @@ def test_fid_of_an_image_folder_dataset_uses_its_images(tmp_path, monkeypatch):
     assert (tmp_path / 'run' / 'log.txt').read_text().splitlines()[-1].startswith('step 2 | fid2 ')
 
 
-def spawn(out, *args):
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    cmd = [sys.executable, os.path.join(ROOT, 'ddpm.py')] + TINY + ['--out', str(out)] + list(args)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_sigterm_while_drawing_a_grid_ends_the_run_within_seconds(tmp_path):
-    p = spawn(tmp_path, '--steps', '3', '--sample-every', '1', '--T', '200000')  # each grid: 200,000 U-Net calls
-    try:
-        deadline = time.time() + 120
-        while not (tmp_path / 'log.txt').exists() or 'step 1 ' not in (tmp_path / 'log.txt').read_text():
-            assert p.poll() is None and time.time() < deadline, p.stdout.read()
-            time.sleep(0.2)
-        time.sleep(1)  # inside the first grid now
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(10) == 130
-    finally:
-        p.kill()  # a run that ignored the signal must not go on sampling after the test
-    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 1
+    args = TINY + ['--out', tmp_path, '--steps', '3', '--sample-every', '1', '--T', '200000']  # a grid: 200,000 calls
+    assert sigterm_run('ddpm.py', args, tmp_path, at='step 1 ', delay=1, wait=10) == 1  # 1 s: inside the first grid
 
 
 def test_a_diverged_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):

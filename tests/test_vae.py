@@ -1,5 +1,4 @@
 """vae.py: the KL, the discretised likelihood and the ELBO / IWAE bounds against closed forms; tiny CPU runs."""
-import math
 
 import numpy as np
 import pytest
