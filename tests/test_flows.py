@@ -105,7 +105,17 @@ def test_moons_density_integrates_to_one(tmp_path):
                           '--out', str(tmp_path)])
     p, area = flows.density_grid(flow, (-4, 5, -4, 4), 400)
     assert p.sum().item() * area == pytest.approx(1.0, abs=0.01)
-    assert 'test nats' in (tmp_path / 'log.txt').read_text() and (tmp_path / 'moons.png').exists()
+    log = (tmp_path / 'log.txt').read_text()
+    assert 'test nats' in log and 'mass off the moons' in log and (tmp_path / 'moons.png').exists()
+
+
+def test_moons_distance_is_zero_on_the_arcs_and_large_in_the_gap():
+    g = torch.Generator().manual_seed(0)
+    assert flows.moons_distance(flows.two_moons(1000, g, noise=0)).max() < 1e-5
+    assert (flows.moons_distance(flows.two_moons(20000, g)) > 0.25).float().mean() < 1e-3  # 5 sigma of the noise
+    # the middle of the gap; the upper arc's centre (nearest the lower arc); beside and below the upper arc's left end
+    x = torch.tensor([[0.5, 0.25], [0.0, 0.0], [-1.5, 0.0], [-1.0, -0.5]])
+    torch.testing.assert_close(flows.moons_distance(x), torch.tensor([1 - 0.3125 ** 0.5, 1.25 ** 0.5 - 1, 0.5, 0.5]))
 
 
 def test_train_then_sample_writes_grids_checkpoint_and_npz(tmp_path):
