@@ -434,6 +434,13 @@ def load_ckpt(path, script):
     return ckpt
 
 
+def check_resume(ckpt, cfg, keys):
+    """--resume: one clear error when the flags of cfg give another model than the checkpoint's (its config's keys)."""
+    if changed := [k for k in keys if ckpt['config'][k] != getattr(cfg, k)]:
+        fail(f'--resume: the checkpoint has different {", ".join(changed)}; pass the same values, e.g. ' +
+             ' '.join(f'--{k.replace("_", "-")} {ckpt["config"][k]}' for k in changed))
+
+
 def write_samples(x, out, tag, save='png,npz'):
     """uint8 (N, C, H, W) samples -> out/tag.npz (uint8 (N, H, W, C), key arr_0, for eval_fid.py), a folder out/tag/
     of PNGs (emptied first, so a later FID never scores stale files) and a grid of the first 64, out/tag.png."""

@@ -449,10 +449,7 @@ def train(cfg):
     start, clock = 0, 0.0  # clock: seconds spent training, kept across resumes for --time-budget
     if cfg.resume:
         ckpt = common.load_ckpt(out / 'ckpt.pt', 'ddpm')
-        changed = [k for k in MODEL_KEYS if ckpt['config'][k] != getattr(cfg, k)]
-        if changed:
-            common.fail(f'--resume: the checkpoint has different {", ".join(changed)}; pass the same values, '
-                        f'e.g. ' + ' '.join(f'--{k} {ckpt["config"][k]}' for k in changed))
+        common.check_resume(ckpt, cfg, MODEL_KEYS)
         inexact = [k for k in ('seed', 'batch_size', 'lr', 'warmup', 'dropout', 'flip', 'p_uncond', 'loss')
                    if ckpt['config'].get(k) != getattr(cfg, k)]
         if inexact:

@@ -436,9 +436,7 @@ def train(cfg):
     start = 0
     if cfg.resume:
         ckpt = common.load_ckpt(out / 'ckpt.pt', 'flows')
-        if changed := [k for k in MODEL_KEYS if ckpt['config'][k] != getattr(cfg, k)]:
-            common.fail(f'--resume: the checkpoint has different {", ".join(changed)}; pass the same values, e.g. ' +
-                        ' '.join(f'--{k.replace("_", "-")} {ckpt["config"][k]}' for k in changed))
+        common.check_resume(ckpt, cfg, MODEL_KEYS)
         flow.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['opt'])
         start = ckpt['step']

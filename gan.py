@@ -250,9 +250,7 @@ def train(cfg):
     start = 0
     if cfg.resume:
         ckpt = common.load_ckpt(out / 'ckpt.pt', 'gan')
-        if changed := [k for k in MODEL_KEYS if ckpt['config'][k] != getattr(cfg, k)]:
-            common.fail(f'--resume: the checkpoint has different {", ".join(changed)}; pass the same values, e.g. ' +
-                        ' '.join(f'--{k.replace("_", "-")} {ckpt["config"][k]}' for k in changed))
+        common.check_resume(ckpt, cfg, MODEL_KEYS)
         for obj, key in ((G, 'G'), (D, 'D'), (ema, 'ema'), (opt_g, 'opt_g'), (opt_d, 'opt_d')):
             obj.load_state_dict(ckpt[key])
         start = ckpt['step']

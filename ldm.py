@@ -295,9 +295,7 @@ def train(cfg):
     start = 0
     if cfg.resume:
         ckpt = common.load_ckpt(out / 'ckpt.pt', 'ldm')
-        if changed := [k for k in MODEL_KEYS if ckpt['config'][k] != getattr(cfg, k)]:
-            common.fail(f'--resume: the checkpoint has different {", ".join(changed)}; pass the same values, e.g. ' +
-                        ' '.join(f'--{k.replace("_", "-")} {ckpt["config"][k]}' for k in changed))
+        common.check_resume(ckpt, cfg, MODEL_KEYS)
         if ckpt['vae_hash'] != vae_hash:
             common.fail(f'--resume: {vae_path} is not the autoencoder this run was trained on ({ckpt["vae"]})')
         model.load_state_dict(ckpt['model'])

@@ -219,3 +219,12 @@ def test_bad_eval_fid_flags(tmp_path):
         eval_fid.main(['a', 'b', '--batch-size', '0'])
     with pytest.raises(SystemExit, match='does not exist'):
         eval_fid.main(['mnist:test', '--save-stats', str(tmp_path / 'missing' / 's.npz')])
+
+
+def test_resume_with_another_model_names_the_flag_to_pass():
+    # every script's --resume check: the message names each changed key and the flag, as typed, that restores it
+    cfg = ddpm.Config(num_res_blocks=3)
+    ckpt = dict(config=dict(num_res_blocks=2, ch=cfg.ch))
+    with pytest.raises(SystemExit, match=r'different num_res_blocks; .* --num-res-blocks 2$'):
+        common.check_resume(ckpt, cfg, ('num_res_blocks', 'ch'))
+    common.check_resume(dict(config=dict(num_res_blocks=3, ch=cfg.ch)), cfg, ('num_res_blocks', 'ch'))  # same: no error
