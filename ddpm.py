@@ -705,11 +705,12 @@ def bench(cfg, steps=50):
     sync()
     dt = (time.perf_counter() - t0) / steps
     name = torch.cuda.get_device_name() if cuda else 'cpu'
-    flops = counter.get_total_flops() / dt
+    step_flops = counter.get_total_flops()
+    flops = step_flops / dt
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if cuda and cfg.bf16 else None
     print(f'{name} | torch {torch.__version__} | batch {cfg.batch_size} | compile {int(cfg.compile and cuda)} | '
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params')
-    print(f'{counter.get_total_flops() / 1e9:.2f} GFLOP/step (forward + backward) | {1000 * dt:.1f} ms/step | '
+    print(f'{step_flops / 1e9:.2f} GFLOP/step (forward + backward) | {1000 * dt:.1f} ms/step | '
           f'{cfg.batch_size / dt:.0f} img/s | '
           f'peak memory {torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"):.2f} GiB | '
           f'{flops / 1e12:.1f} TFLOP/s' + (f' | MFU {100 * flops / peak:.1f}% of {peak / 1e12:.0f}' if peak else ''))
