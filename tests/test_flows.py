@@ -100,6 +100,14 @@ def test_identity_flow_reports_the_bits_per_dim_computed_by_hand():
     assert 4 < by_hand < 12  # an untrained flow: several bits per pixel, not nats per image (~5000)
 
 
+def test_logit_preprocess_keeps_fp32_accuracy_next_to_white_at_small_alpha():
+    x = torch.tensor([[0.0, 1e-4, 128.5, 255.5, 255.99, 255.9999]])  # fp32; p lands within 1e-6 of 1 for the last
+    y, logdet = flows.logit_preprocess(x, 1e-6)
+    y64, logdet64 = flows.logit_preprocess(x.double(), 1e-6)
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logdet.double(), logdet64, rtol=0, atol=1e-4)
+
+
 def test_moons_density_integrates_to_one(tmp_path):
     flow, _ = flows.main(['--dataset', 'moons', '--device', 'cpu', '--ch', '32', '--steps', '200', '--log-every', '100',
                           '--out', str(tmp_path)])
