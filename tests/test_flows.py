@@ -85,19 +85,21 @@ def test_logdet_equals_slogdet_of_the_autograd_jacobian():
 
 def test_identity_flow_reports_the_bits_per_dim_computed_by_hand():
     cfg = config('--sample-batch', '3')
+    a = cfg.alpha
+    assert a == 1e-6  # MNIST's preset
     flow = flows.make_flow(cfg, (1, 28, 28))  # zero last layers and act-norm before its data init: f(y) = y
     x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
-    x[0] = 0  # one all-black image
+    x[0], x[1] = 0, 255  # an all-black and an all-white image
     reported = flows.bits_per_dim(flow, x, cfg)
     # by hand, in float64, with the documented noise (one generator per batch of --sample-batch images)
     u = torch.cat([torch.rand(x[i:i + 3].shape, generator=torch.Generator().manual_seed(i)) for i in (0, 3)])
-    p = 0.05 + 0.9 * (x.double() + u.double()) / 256  # pixel value -> (0.05, 0.95)
+    p = a + (1 - 2 * a) * (x.double() + u.double()) / 256  # pixel value -> (alpha, 1 - alpha)
     y = torch.log(p / (1 - p))
     log_normal = -0.5 * y ** 2 - 0.5 * math.log(2 * math.pi)  # N(0, 1) density of each z_d = y_d
-    log_dy_dx = math.log(0.9 / 256) - torch.log(p * (1 - p))  # d logit(p)/dp = 1/(p(1-p)), dp/dx = 0.9/256
-    by_hand = (-(log_normal + log_dy_dx).sum((1, 2, 3)) / (784 * math.log(2))).mean().item()
-    assert reported == pytest.approx(by_hand, rel=1e-5)
-    assert 4 < by_hand < 12  # an untrained flow: several bits per pixel, not nats per image (~5000)
+    log_dy_dx = math.log((1 - 2 * a) / 256) - torch.log(p * (1 - p))  # dlogit(p)/dp = 1/(p(1-p)), dp/dx = (1-2a)/256
+    by_hand = -(log_normal + log_dy_dx).sum((1, 2, 3)) / (784 * math.log(2))
+    assert reported == pytest.approx(by_hand.mean().item(), rel=1e-5)
+    assert 4 < by_hand.mean() < 40  # an untrained flow: bits per pixel, not nats per image (~20,000)
 
 
 def test_logit_preprocess_keeps_fp32_accuracy_next_to_white_at_small_alpha():
