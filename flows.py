@@ -42,7 +42,7 @@ class Config:
     blocks: int = 8  # residual blocks per s/t ResNet (hidden layers per s/t MLP for moons)
     scales: int = 3  # images: each scale but the last is 3 checkerboard couplings, squeeze, 3 channel-wise, split
     couplings: int = 16  # moons: affine couplings with alternating masks
-    alpha: float = 0.05  # logit pre-processing y = logit(alpha + (1 - 2 alpha) x / 256), RealNVP sec. 4.1
+    alpha: float = 0.05  # logit pre-processing y = logit(alpha + (1 - 2 alpha) x / 256), RealNVP sec. 4.1; MNIST: 1e-6
     # training
     steps: int = 100000  # optimizer steps
     batch_size: int = 64  # global batch, split evenly across ranks
