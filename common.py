@@ -1,8 +1,9 @@
-"""Infrastructure shared by the scripts: config/CLI, device and DDP, datasets, checkpoints, image grids, plots.
-No paper maths lives here (that belongs in the concept scripts); every function is plain plumbing that
-ddpm.py, ddim.py, eval_fid.py, ... would otherwise each write again.
+"""Infrastructure shared by the scripts: config/CLI and presets, device and DDP, the training-loop driver, datasets,
+checkpoints and samples. No paper maths lives here (that belongs in the concept scripts); every function is plumbing
+that ddpm.py, vae.py, gan.py, ... would otherwise each write again.
 """
-import argparse, dataclasses, gzip, hashlib, inspect, os, pickle, re, signal, sys, tarfile, tempfile, urllib.request
+import argparse, dataclasses, gzip, hashlib, inspect, math, os, pickle, re, signal, sys, tarfile, tempfile, time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,32 +11,45 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# Config: a dataclass whose fields become --flags; a field's trailing comment is its --help text
+# Config: a dataclass whose fields become --flags (a field's trailing comment is its --help), and named presets
 
 
-def parse_config(cls, presets=None, argv=None):
-    """Build cls from the command line. presets(values) -> dict of overrides applied below explicit flags."""
+def parse_config(cls, presets=None, pick=None, argv=None):
+    """cls from the command line. presets {name: {field: value}} are named settings applied below the flags given:
+    --preset NAME chooses one, else pick(values) names it; the preset and every value it set are printed."""
     helps = dict(re.findall(r'^\s+(\w+)\s*:[^#\n]*#\s*(.*)$', inspect.getsource(cls), re.M))
-    doc = sys.modules[cls.__module__].__doc__
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = presets and 'presets (--preset NAME; applied below the flags given):\n' + '\n'.join(
+        f'  {k:14s} {" ".join(f"--{f} {v}" for f, v in p.items()) or "(the defaults)"}' for k, p in presets.items())
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__, epilog=epilog or None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        names = dict.fromkeys(['--' + f.name.replace('_', '-'), '--' + f.name])  # --batch-size and --batch_size
         extra = dict(type=_parse_bool, nargs='?', const=True) if f.type is bool else dict(type=f.type)  # bare --flag: 1
-        p.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
-                       help=f'{helps.get(f.name, "")} (default: {f.default})', **extra)
+        p.add_argument(*dict.fromkeys([f'--{f.name.replace("_", "-")}', f'--{f.name}']), dest=f.name,  # both spellings
+                       default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
+                       help=f'{helps.get(f.name, "")} (default: {f.default!r})', **extra)
     given = vars(p.parse_args(argv))
     values = {f.name: f.default for f in dataclasses.fields(cls)}
-    values.update(presets(dict(values, **given)) if presets else {})
-    values.update(given)
-    return cls(**values)
+    if presets:
+        name = given.get('preset') or pick(dict(values, **given))
+        if name not in presets:
+            fail(f'--preset {name!r} is not one of: {", ".join(presets)}')
+        chosen = {k: v for k, v in presets[name].items() if k not in given}
+        values.update(chosen, preset=name)
+        v = dict(values, **given)
+        how = '--preset' if 'preset' in given else f'picked for --dataset {v["dataset"]} on ' \
+            f'{resolve_device(v["device"])}; --preset NAME for another, see --help'
+        print0(f'preset {name} ({how}): ' + (' '.join(f'--{k.replace("_", "-")} {x}' for k, x in chosen.items())
+                                              or 'the defaults'))
+    return cls(**dict(values, **given))
 
 
 def _parse_bool(s):
-    if s.lower() in ('1', 'true', 'yes', 'on'): return True
-    if s.lower() in ('0', 'false', 'no', 'off'): return False
-    raise argparse.ArgumentTypeError(f'expected 1/0 (or true/false), got {s!r}')
+    if s.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
+        raise argparse.ArgumentTypeError(f'expected 1/0 (or true/false), got {s!r}')
+    return s.lower() in ('1', 'true', 'yes', 'on')
 
 
 def fail(msg):
@@ -43,13 +57,17 @@ def fail(msg):
     raise SystemExit(f'error: {msg}')
 
 
-def check_ranges(cfg, positive=(), nonnegative=(), unit=()):
-    """One clear error for a flag out of range: positive (> 0), nonnegative (>= 0), unit ([0, 1])."""
+def check(cfg, choices=None, positive=(), nonnegative=(), unit=()):
+    """One clear error for a string flag outside its choices or a number out of range: positive (> 0), nonnegative
+    (>= 0), unit ([0, 1]); a --save flag must name png and/or npz."""
+    for k, allowed in dict(choices or {}, **dict(save=('png', 'npz', 'png,npz', 'npz,png')) if 'save' in vars(cfg)
+                           else {}).items():
+        if getattr(cfg, k) not in allowed:
+            fail(f'--{k.replace("_", "-")} {getattr(cfg, k)!r} is not one of: {", ".join(allowed)}')
     for names, ok, want in ((positive, lambda v: v > 0, '> 0'), (nonnegative, lambda v: v >= 0, '>= 0'),
                             (unit, lambda v: 0 <= v <= 1, 'in [0, 1]')):
-        for k in names:
-            if not ok(getattr(cfg, k)):
-                fail(f'--{k.replace("_", "-")} {getattr(cfg, k)} must be {want}')
+        if bad := next((k for k in names if not ok(getattr(cfg, k))), None):
+            fail(f'--{bad.replace("_", "-")} {getattr(cfg, bad)} must be {want}')
 
 
 # -----------------------------------------------------------------------------
@@ -59,9 +77,8 @@ def check_ranges(cfg, positive=(), nonnegative=(), unit=()):
 def resolve_device(device):
     if device == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    kind = device.split(':')[0]
     available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
-    if not available.get(kind):
+    if not available.get(kind := device.split(':')[0]):
         fail(f'--device {device}: ' + ('not available on this machine' if kind in available else 'unknown device') +
              '; use --device auto, cpu' + ''.join(f', {k}' for k, v in available.items() if v and k != 'cpu'))
     return device
@@ -72,26 +89,23 @@ def setup(device='auto'):
     device = resolve_device(device)
     if 'RANK' not in os.environ:
         return device, 0, 1
-    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
     if device.startswith('cuda'):
-        device = f'cuda:{local}'
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device := f'cuda:{os.environ["LOCAL_RANK"]}')
     if not dist.is_initialized():  # a script may set up, then call another's train() that sets up again
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-    return device, rank, world
+    return device, int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
 
 
 def print0(*args, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if int(os.environ.get('RANK', 0)) == 0:  # torchrun's rank, known before the process group exists
         print(*args, **kwargs, flush=True)
 
 
 @contextmanager
 def script_guard():
-    """Around a script's work: a data error becomes one clear line, Ctrl-C / SIGTERM outside training end the
-    process at once (exit 130) without a traceback; under torchrun the ranks leave together and the process group is
-    torn down however the work ends."""
-    old = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM (timeout, schedulers, torchrun) acts like Ctrl-C
+    """Around a script's work: a data error becomes one clear line, Ctrl-C / SIGTERM outside training end it at once
+    (exit 130, no traceback); under torchrun the ranks leave together and the process group is torn down."""
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (timeouts, torchrun) acts like Ctrl-C
     try:
         yield
         if dist.is_initialized():
@@ -107,56 +121,130 @@ def script_guard():
             dist.destroy_process_group()
 
 
-def _interrupt(*_):
-    raise KeyboardInterrupt
+# -----------------------------------------------------------------------------
+# The training loop's mechanics, written once so that each script's loop shows only its own maths
 
 
-class Stop(list):
-    """Truthy once Ctrl-C or SIGTERM arrived. Inside `with stop.now():` a signal raises KeyboardInterrupt at once
-    instead (for sampling and evaluation between training steps, where the state is consistent and can be saved)."""
-    urgent = False
+class Loop:
+    """`for step in loop:` runs the training steps start .. steps - 1 with the mechanics every loop here shares. Torch
+    is seeded from (seed, rank, step) before each step, so --resume 1 continues bit-identically. loop.log(name=value)
+    ends a step: a log line every --log-every steps (the values reach the host only then, and a NaN/inf stops the run
+    before save could write it); save(step, clock) on rank 0 every --ckpt-every steps, at the end, before any output
+    is due (loop.due(name): every `name` steps and at the last) and when a stop was asked. Ctrl-C / SIGTERM during a
+    step mark a stop (the step completes, is saved, exit 130); after log() (outputs) they interrupt at once. Under
+    torchrun the ranks agree on stopping at log steps. --time-budget counts training seconds only (loop.clock)."""
 
-    def __call__(self, *_):
-        self.append(1)
+    def __init__(self, cfg, out, save, start=0, steps=None, clock=0.0, check=None, **every):
+        self.out, self.save, self.start, self.done, self.saved, self.clock = Path(out), save, start, start, start, clock
+        self.steps, self.seed, self.batch, self.log_every = steps or cfg.steps, cfg.seed, cfg.batch_size, cfg.log_every
+        self.budget, self.every = getattr(cfg, 'time_budget', 0), dict(every, ckpt=cfg.ckpt_every)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.check, self.stop, self.urgent, self.final = check, False, False, False  # check(values): an error or None
+        self.last = {}  # the values of the last log line, as floats
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.file = open(self.out / 'log.txt', 'a') if self.rank == 0 else None
+        self.bar = tqdm(total=None if self.budget else self.steps, initial=self.start, disable=self.rank != 0)
+        return self
+
+    def _signal(self, *_):
+        self.stop = True
         if self.urgent:
             raise KeyboardInterrupt
 
-    @contextmanager
-    def now(self):
-        if self:
-            raise KeyboardInterrupt
-        self.urgent = True
-        try:
-            yield
-        finally:
-            self.urgent = False
-
-
-@contextmanager
-def stop_requested():
-    """Inside the block Ctrl-C and SIGTERM only mark the yielded Stop, so a training loop can finish its step, save
-    and exit; the previous handlers are restored afterwards (in-process callers keep a working Ctrl-C)."""
-    stop = Stop()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, handler in old.items():
+    def __exit__(self, kind, *_):
+        self.urgent = False  # a second signal while the checkpoint below is written only marks a stop
+        for s, handler in self.old.items():
             signal.signal(s, handler)
+        self.bar.close()
+        if self.file:
+            self.file.close()
+        if kind is KeyboardInterrupt:  # during an output, after a complete step: save it unless that is done
+            if self.saved != self.done and self.rank == 0:
+                self.save(self.done, self.clock)
+            self.stopped()
+        if kind is None and self.done > self.start:
+            print0(f'done: step {self.done}, {self.clock:.1f} s of training '
+                   f'({(self.done - self.start) * self.batch / max(self.clock - self.clock0, 1e-9):.0f} img/s)')
+
+    def stopped(self):
+        print0(f'\nstopped at step {self.done}; checkpoint saved to {self.out}/ckpt.pt (continue with --resume 1)')
+        raise SystemExit(130)
+
+    def __iter__(self):
+        if self.start >= self.steps:
+            print0(f'{self.out}/ckpt.pt is already at step {self.start} (--steps {self.steps}): nothing to train; '
+                   f'raise --steps to continue it')
+        self.clock0, self.n_last, self.t_last, self.tick = self.clock, self.start, self.clock, time.perf_counter()
+        for step in range(self.start, self.steps):
+            torch.manual_seed((self.seed * 1000 + self.rank) * 10 ** 9 + step)  # batch, noise, dropout of this step
+            self.urgent, self.tick = False, self.tick or time.perf_counter()  # the training clock runs again
+            yield step
+            if self.done != step + 1:
+                raise RuntimeError('call loop.log() once per training step')
+            if self.final:
+                return
+
+    def due(self, name):
+        return (self.every[name] > 0 and self.done % self.every[name] == 0) or self.final
+
+    def log(self, **values):
+        self.done = done = self.done + 1
+        self.bar.update()
+        at_log, stop = done % self.log_every == 0, self.stop
+        over = bool(self.budget) and self.clock + time.perf_counter() - self.tick >= self.budget
+        if self.world > 1:  # agreed at log steps only: a collective every step would cost a host sync each
+            flags = torch.tensor([float(stop), float(over)], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+            if at_log:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            stop, over = (bool(f) for f in flags.tolist()) if at_log else (False, False)
+        self.final = done == self.steps or over
+        ckpt = stop or any(self.due(k) for k in self.every)
+        if at_log or ckpt:
+            self.last = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in values.items()}  # the host sync
+            bad = next((f'{k} is {v}' for k, v in self.last.items() if not math.isfinite(v)), None)
+            if bad := bad or (self.check and self.check(self.last)):
+                fail(f'{bad} at step {done}: the last good checkpoint'
+                     f'{f" ({self.out}/ckpt.pt, step {self.saved})" if self.saved else ", if any,"} is kept; '
+                     f'lower --lr, or check the data')
+        if at_log or self.final:
+            t = self.clock + time.perf_counter() - self.tick
+            dt, self.t_last, self.n_last = (t - self.t_last) / max(done - self.n_last, 1), t, done
+            self.bar.set_postfix({k: f'{v:.4g}' for k, v in list(self.last.items())[:4]}, refresh=False)
+            if self.file:
+                print(f'step {done} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in self.last.items()) +
+                      f' | ms/step {1000 * dt:.1f} | img/s {self.batch / dt:.0f}', file=self.file, flush=True)
+        if ckpt:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the queued steps belong to the training clock
+            self.clock, self.tick = self.clock + time.perf_counter() - self.tick, None
+            if self.rank == 0:
+                self.save(done, self.clock)
+            self.saved = done
+            if stop:
+                self.stopped()
+        self.urgent = True  # what follows until the next step (outputs) is interrupted by a signal at once
+
+    def write(self, text):
+        """'step N | text' into log.txt and onto the console (rank 0): an evaluation's result, say."""
+        if self.rank == 0:
+            print(f'step {self.done} | {text}', file=self.file, flush=True)
+            tqdm.write(f'step {self.done} | {text}')
 
 
 # -----------------------------------------------------------------------------
 # Datasets: official archives, verified, decoded once into cached uint8 .npy files that later runs load directly
 
 MNIST_URLS = ['https://ossci-datasets.s3.amazonaws.com/mnist/', 'http://yann.lecun.com/exdb/mnist/']
-FASHION_URLS = ['http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/']
 DATASETS = {  # facts about the data, not hyperparameters
     'mnist': dict(size=28, channels=1, classes=10, urls=MNIST_URLS, files={
         'train-images-idx3-ubyte.gz': 'sha256:440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
         'train-labels-idx1-ubyte.gz': 'sha256:3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c',
         't10k-images-idx3-ubyte.gz': 'sha256:8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6',
         't10k-labels-idx1-ubyte.gz': 'sha256:f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6'}),
-    'fashion-mnist': dict(size=28, channels=1, classes=10, urls=FASHION_URLS, files={
+    'fashion-mnist': dict(size=28, channels=1, classes=10, urls=['http://fashion-mnist.s3-website.eu-central-1'
+                                                                  '.amazonaws.com/'], files={
         'train-images-idx3-ubyte.gz': 'sha256:3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84',
         'train-labels-idx1-ubyte.gz': 'sha256:a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845',
         't10k-images-idx3-ubyte.gz': 'sha256:346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073',
@@ -179,8 +267,7 @@ def data_dir(path=None):
 
 
 def cache_dir():
-    d = Path(os.environ.get('GENMODELS_CACHE') or 'data/cache')
-    if d.exists() and not d.is_dir():
+    if (d := Path(os.environ.get('GENMODELS_CACHE') or 'data/cache')).exists() and not d.is_dir():
         fail(f'the cache folder {d} ($GENMODELS_CACHE, default data/cache) is a file: remove it or point '
              f'$GENMODELS_CACHE elsewhere')
     d.mkdir(parents=True, exist_ok=True)
@@ -192,19 +279,17 @@ def verify(path, checksum):
     algo, want = checksum.split(':')
     h = hashlib.new(algo)
     with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
+        while block := f.read(1 << 20):
             h.update(block)
     if not h.hexdigest().startswith(want):
         raise DataError(f'{path}: {algo} is {h.hexdigest()}, expected {want}. The file is corrupt, truncated or not '
-                        f'the official one: delete it and let the script download it again, or replace it with the '
-                        f'official file.')
+                        f'the official one: delete it and let the script download it again, or put the official one.')
 
 
 def download(url, dest, checksum):
     """Download url to dest atomically (temp file + rename) and verify it; a failed download leaves nothing behind."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + '.', suffix='.part')
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=Path(dest).parent, prefix=Path(dest).name + '.', suffix='.part')
     try:
         with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
             while block := r.read(1 << 20):
@@ -217,22 +302,19 @@ def download(url, dest, checksum):
 
 
 def archive(name, fname, root=None):
-    """Path of a verified official archive file: from the data folder if there, else downloaded into it."""
+    """Path of a verified official archive file: from the data folder (or flat in it) if there, else downloaded."""
     info, path = DATASETS[name], data_dir(root) / name / fname
-    if not path.exists() and (data_dir(root) / fname).exists():
-        path = data_dir(root) / fname  # a flat folder of the archive files is fine too
+    path = data_dir(root) / fname if not path.exists() and (data_dir(root) / fname).exists() else path
     if not path.exists():
         print0(f'{fname} not found under {data_dir(root)}; downloading it')
         errors = []
         for url in info['urls']:
             try:
-                download(url + fname, path, info['files'][fname])
-                break
+                return download(url + fname, path, info['files'][fname]) or path
             except (OSError, DataError) as e:
                 errors.append(f'{url + fname}: {e}')
-        else:
-            raise DataError(f'could not get {fname}: ' + '; '.join(errors) + f'. Put the official file at {path} or '
-                            f'point --data-dir (or $GENMODELS_DATA) at a folder that has it.')
+        raise DataError(f'could not get {fname}: ' + '; '.join(errors) + f'. Put the official file at {path} or point '
+                        f'--data-dir (or $GENMODELS_DATA) at a folder that has it.')
     verify(path, info['files'][fname])
     return path
 
@@ -242,9 +324,8 @@ def read_idx(path):
     try:
         with gzip.open(path) as f:
             data = f.read()
-        ndim = data[3]
-        shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
-        return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+        shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(data[3])]
+        return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(shape)
     except (OSError, EOFError, ValueError) as e:
         raise DataError(f'{path}: cannot read this idx archive ({e}); delete it and download it again') from e
 
@@ -253,10 +334,9 @@ def read_cifar10(path):
     """The official python tarball: 5 pickled training batches + test_batch, rows of 1024 R, 1024 G, 1024 B."""
     out = {'train': ([], []), 'test': ([], [])}
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(path) as tar:  # verified by its md5 before its pickles are read
             for m in sorted(tar.getmembers(), key=lambda m: m.name):
-                split = 'train' if '/data_batch_' in m.name else 'test' if m.name.endswith('/test_batch') else None
-                if split:
+                if split := 'train' if '/data_batch_' in m.name else 'test' if m.name.endswith('/test_batch') else None:
                     d = pickle.load(tar.extractfile(m), encoding='bytes')
                     out[split][0].append(np.asarray(d[b'data'], np.uint8).reshape(-1, 3, 32, 32))
                     out[split][1].append(np.asarray(d[b'labels'], np.int64))
@@ -274,7 +354,8 @@ def image_shape(cfg):
 
 
 def load_dataset(name, split='train', root=None, image_size=None):
-    """(x uint8 (N, C, H, W), y int64 (N,) or None) for a dataset name or a folder of images."""
+    """(x uint8 (N, C, H, W), y int64 (N,) or None) of a dataset or an image folder. The archives are decoded once
+    into a cache; a --data-dir given (root) is always checked, so the cache never hides a missing or corrupt one."""
     if name not in DATASETS:
         if os.sep in name or os.path.exists(name):
             return load_image_folder(name, image_size), None
@@ -282,35 +363,35 @@ def load_dataset(name, split='train', root=None, image_size=None):
     if split not in ('train', 'test'):
         raise DataError(f'unknown split {split!r} for {name}: use train or test')
     fx, fy = cache_dir() / f'{name}-{split}-x.npy', cache_dir() / f'{name}-{split}-y.npy'
+    paths = {f: archive(name, f, root) for f in DATASETS[name]['files']} if root or not fx.exists() else {}
     if not (fx.exists() and fy.exists()):
         if name == 'cifar10':
-            arrays = read_cifar10(archive(name, 'cifar-10-python.tar.gz', root))
+            arrays = read_cifar10(paths['cifar-10-python.tar.gz'])
         elif name == 'cifar10-subset':
-            with np.load(archive(name, 'cifar10_prefix_subset.npz', root)) as d:
-                arrays = {s: (d[f'x_{s}'].reshape(-1, 3, 32, 32), d[f'y_{s}'].astype(np.int64)) for s in ('train', 'test')}
+            with np.load(paths['cifar10_prefix_subset.npz']) as d:
+                arrays = {s: (d[f'x_{s}'].reshape(-1, 3, 32, 32), d[f'y_{s}'].astype(np.int64)) for s in ('train',
+                                                                                                        'test')}
         else:
-            arrays = {s: (read_idx(archive(name, f'{p}-images-idx3-ubyte.gz', root))[:, None],
-                          read_idx(archive(name, f'{p}-labels-idx1-ubyte.gz', root)).astype(np.int64))
+            arrays = {s: (read_idx(paths[f'{p}-images-idx3-ubyte.gz'])[:, None],
+                          read_idx(paths[f'{p}-labels-idx1-ubyte.gz']).astype(np.int64))
                       for s, p in (('train', 'train'), ('test', 't10k'))}
-        for s, (x, y) in arrays.items():
-            for f, a in ((cache_dir() / f'{name}-{s}-x.npy', x), (cache_dir() / f'{name}-{s}-y.npy', y)):
-                atomic_write(f, lambda fh: np.save(fh, a))
+        for s, xy in arrays.items():
+            for a, f in zip(xy, 'xy'):
+                atomic_write(cache_dir() / f'{name}-{s}-{f}.npy', lambda fh: np.save(fh, a))
     try:
         return torch.from_numpy(np.load(fx)), torch.from_numpy(np.load(fy))
     except (OSError, ValueError, EOFError) as e:
-        raise DataError(f'{fx} or {fy}: unreadable cached array ({e}); delete both and run again to rebuild them') from e
+        raise DataError(f'{fx} or {fy}: unreadable cached array ({e}); delete both and run again to rebuild them')
 
 
 def load_image_folder(folder, image_size):
     """Every png/jpg below folder, as RGB, shorter side resized to image_size and centre-cropped."""
     if not os.path.isdir(folder):
         raise DataError(f'{folder}: no such folder (give a dataset name: {", ".join(DATASETS)}, or a folder of images)')
-    if not image_size:
-        raise DataError(f'{folder}: a folder of images needs --image-size (e.g. 32 or 64)')
     files = sorted(p for p in Path(folder).rglob('*') if p.suffix.lower() in ('.png', '.jpg', '.jpeg'))
-    if not files:
-        raise DataError(f'{folder}: no .png/.jpg images found (searched recursively)')
-    from tqdm import tqdm
+    if not files or not image_size:
+        raise DataError(f'{folder}: ' + ('a folder of images needs --image-size (e.g. 32 or 64)' if files else
+                                         'no .png/.jpg images found (searched recursively)'))
     x = np.empty((len(files), 3, image_size, image_size), np.uint8)
     for i, f in enumerate(tqdm(files, desc=f'reading {folder}', disable=len(files) < 1000)):
         try:
@@ -318,8 +399,7 @@ def load_image_folder(folder, image_size):
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f'{f}: cannot read this image ({e}); delete or replace it') from e
         if max(im.size) > 4 * min(im.size):  # a centre crop would keep < 1/4 of it, and resizing a strip first is huge
-            raise DataError(f'{f}: {im.width}x{im.height} is too far from square for a centre crop; crop it by hand or '
-                            f'remove it')
+            raise DataError(f'{f}: {im.width}x{im.height} is too far from square for a centre crop; crop or remove it')
         s = image_size / min(im.size)
         im = im.resize((max(image_size, round(im.width * s)), max(image_size, round(im.height * s))), Image.BICUBIC)
         left, top = (im.width - image_size) // 2, (im.height - image_size) // 2
@@ -330,11 +410,11 @@ def load_image_folder(folder, image_size):
 def read_rgb(path):
     """An image file as 8-bit RGB; 16-bit grey PNGs are scaled to 8 bits, not saturated as PIL's convert() does."""
     with Image.open(path) as im:
-        if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-            a = np.asarray(im, np.float64)
-            a = a / 257 if im.mode.startswith('I;16') or a.max() > 255 else a
-            return Image.fromarray(a.round().clip(0, 255).astype(np.uint8)).convert('RGB')
-        return im.convert('RGB')
+        if im.mode not in ('I;16', 'I;16B', 'I;16L', 'I'):
+            return im.convert('RGB')
+        a = np.asarray(im, np.float64)
+        a = a / 257 if im.mode.startswith('I;16') or a.max() > 255 else a
+        return Image.fromarray(a.round().clip(0, 255).astype(np.uint8)).convert('RGB')
 
 
 def random_batch(x, y, batch_size, flip):
@@ -347,17 +427,14 @@ def random_batch(x, y, batch_size, flip):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and caches: written atomically; checkpoints loaded without unpickling code
+# Run folders and checkpoints: one process per folder, atomic writes, loaded without unpickling code
 
 
 def atomic_write(path, write):
-    """write(file) into a fresh temp file beside path, then rename it over path: a run killed mid-write leaves the
-    old file intact, and processes writing the same file at once (DDP ranks filling a cache) never collide."""
-    path = Path(path)
-    if path.parent.exists() and not path.parent.is_dir():
-        fail(f'{path.parent} is a file, not a folder: give another --out (or $GENMODELS_CACHE)')
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+    """write(file) into a temp file beside path, renamed over it: a kill mid-write leaves the old file, and two
+    processes writing one file at once (DDP ranks filling a cache) never collide."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + '.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
@@ -376,12 +453,10 @@ _claimed = {}  # run folder -> open lock file, held for the life of the process
 
 
 def claim(out):
-    """Make this process the one run writing into the folder out (call on rank 0 before writing there): a second
-    process gets a clear error instead of interleaving logs and checkpoints. The OS drops the lock when the process
-    ends, however it ends. Temp files left by a write that was killed are removed."""
+    """Make this process the one run writing into out (rank 0; training and sampling alike): a second one gets a
+    clear error. The OS drops the lock however the process ends. Temp files of a killed write are removed."""
     import fcntl
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+    if (out := Path(out)).exists() and not out.is_dir():
         fail(f'--out {out} is a file, not a folder: give another --out')
     out.mkdir(parents=True, exist_ok=True)
     if str(out.resolve()) in _claimed:
@@ -393,23 +468,17 @@ def claim(out):
         f.seek(0)
         fail(f'{out} is in use by another run (pid {f.read().strip() or "?"}); wait for it to finish, stop it, or '
              f'give another --out')
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
+    f.truncate(0), f.write(str(os.getpid())), f.flush()
     _claimed[str(out.resolve())] = f
     for tmp in out.glob('*.tmp'):
         tmp.unlink()
 
 
 def nonfinite(state, prefix=''):
-    """Names of the floating-point tensors in a (nested) checkpoint dict that hold NaN or inf."""
-    if isinstance(state, dict):
-        return [n for k, v in state.items() for n in nonfinite(v, f'{prefix}{k}.')]
-    if isinstance(state, (list, tuple)):
-        return [n for i, v in enumerate(state) for n in nonfinite(v, f'{prefix}{i}.')]
-    if torch.is_tensor(state) and state.is_floating_point() and not torch.isfinite(state).all():
-        return [prefix[:-1]]
-    return []
+    """Names of the floating-point tensors in a (nested) checkpoint dict or list that hold NaN or inf."""
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    bad = torch.is_tensor(state) and state.is_floating_point() and not state.isfinite().all()
+    return [prefix[:-1]] if bad else [n for k, v in items for n in nonfinite(v, f'{prefix}{k}.')]
 
 
 def save_ckpt(path, state):
@@ -420,56 +489,82 @@ def save_ckpt(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def torch_load(path, what='checkpoint'):
+    """torch.load with weights_only=True (tensors and plain containers: a file cannot run code). A file it refuses
+    gets one line that never suggests the unsafe weights_only=False."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        why = next((s for s in str(e).splitlines() if 'WeightsUnpickler error' in s), str(e).splitlines()[-1:] or [''])
+        fail(f'{path} is not a {what} ({type(e).__name__}: {" ".join("".join(why).split())[:300]})')
+
+
 def load_ckpt(path, script):
     if not os.path.exists(path):
         fail(f'no checkpoint at {path}: train first, or point --out at the run folder that has ckpt.pt')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # the refusal of a pickle with code in it says so at its start; keep all of the reason
-        fail(f'{path} is not a readable checkpoint ({type(e).__name__}: {" ".join(str(e).split())[:600]})')
-    if not isinstance(ckpt, dict) or ckpt.get('script') != script:
+    if not isinstance(ckpt := torch_load(path), dict) or ckpt.get('script') != script:
         fail(f'{path} was not written by {script} (script: {ckpt.get("script") if isinstance(ckpt, dict) else None})')
     if bad := nonfinite(ckpt):
         fail(f'{path}: {", ".join(bad[:3])} hold NaN/inf; this checkpoint is unusable, train again')
     return ckpt
 
 
-def check_resume(ckpt, cfg, keys):
-    """--resume: one clear error when the flags of cfg give another model than the checkpoint's (its config's keys)."""
-    if changed := [k for k in keys if ckpt['config'][k] != getattr(cfg, k)]:
+def resume(out, script, cfg, model_keys, recipe_keys=()):
+    """The checkpoint --resume 1 continues (None for a fresh run, whose folder must not hold one). Another model
+    (model_keys) is refused; a changed recipe (seed, lr, ...) is used, with a warning: the run is no longer exact."""
+    if not cfg.resume and (path := Path(out) / 'ckpt.pt').exists():
+        fail(f'{path} exists: pass --resume 1 to continue it, or another --out')
+    ckpt = load_ckpt(Path(out) / 'ckpt.pt', script) if cfg.resume else None
+    if changed := [k for k in model_keys if ckpt and ckpt['config'][k] != getattr(cfg, k)]:
         fail(f'--resume: the checkpoint has different {", ".join(changed)}; pass the same values, e.g. ' +
              ' '.join(f'--{k.replace("_", "-")} {ckpt["config"][k]}' for k in changed))
+    if inexact := [k for k in recipe_keys if ckpt and ckpt['config'].get(k) != getattr(cfg, k)]:
+        print0(f'warning: --resume with a different {", ".join(inexact)} than the checkpoint\'s: training continues '
+               f'with the new values, but no longer as the uninterrupted run would have')
+    return ckpt
 
 
-def write_samples(x, out, tag, save='png,npz'):
-    """uint8 (N, C, H, W) samples -> out/tag.npz (uint8 (N, H, W, C), key arr_0, for eval_fid.py), a folder out/tag/
-    of PNGs (emptied first, so a later FID never scores stale files) and a grid of the first 64, out/tag.png."""
-    out = Path(out)
-    if 'npz' in save:
-        atomic_write(out / f'{tag}.npz', lambda f: np.savez(f, x.permute(0, 2, 3, 1).cpu().numpy()))
-    if 'png' in save:
-        folder = out / tag
-        if folder.exists():
-            for old in folder.glob('*.png'):
-                old.unlink()
-        folder.mkdir(parents=True, exist_ok=True)
-        from tqdm import tqdm
-        for i, im in enumerate(tqdm(x.cpu(), desc='writing PNGs', disable=len(x) < 1000)):
-            grid_image(im[None], 1, pad=0).save(folder / f'{i:06d}.png')
-    save_grid(x[:64], out / f'{tag}.png')
+def load_opt(opt, state):
+    """An optimizer's moments from a checkpoint, with this run's lr, betas, ...: a changed --lr takes effect."""
+    hyper = [{k: v for k, v in g.items() if k != 'params'} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, h in zip(opt.param_groups, hyper):
+        group.update(h)
 
 
 # -----------------------------------------------------------------------------
-# Images (PIL) and figures (matplotlib: axes, ticks, legends, log scales and heat maps we would otherwise draw by hand)
+# Samples and image grids (PIL)
 
 
-def pyplot():
-    """matplotlib.pyplot drawing to files (no display needed), imported only by the modes that make figures."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    plt.rcParams.update({'figure.dpi': 110, 'axes.grid': True, 'grid.alpha': 0.3, 'figure.constrained_layout.use': True})
-    return plt
+def write_samples(x, out, tag, save='png,npz'):
+    """uint8 (N, C, H, W) -> out/tag.npz (uint8 (N, H, W, C) in arr_0, for eval_fid.py) and/or PNGs in out/tag/, and
+    a grid of the first 64, out/tag.png. Old files of both formats go first, so no FID ever scores stale ones."""
+    out, npz, folder = Path(out), Path(out) / f'{tag}.npz', Path(out) / tag
+    for old in [npz] * npz.exists() + (sorted(folder.glob('*.png')) if folder.is_dir() else []):
+        old.unlink()
+    if 'npz' in save:
+        atomic_write(npz, lambda f: np.savez(f, x.permute(0, 2, 3, 1).cpu().numpy()))
+    if 'png' in save:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(tqdm(x.cpu(), desc='writing PNGs', disable=len(x) < 1000)):
+            grid_image(im[None], 1, pad=0).save(folder / f'{i:06d}.png')
+    save_grid(x[:64], out / f'{tag}.png')
+    print(f'{len(x)} samples -> ' + ', '.join([str(npz)] * ('npz' in save) + [f'{folder}/'] * ('png' in save)) +
+          f'; grid {out}/{tag}.png', flush=True)
+
+
+def sample_many(draw, n, batch, seed, device, rank=0, world=1, desc='sampling'):
+    """n samples as uint8 (N, C, H, W) on rank 0 (None elsewhere): draw(start, size, generator) makes images start ..
+    start + size - 1 as uint8, with a generator seeded from (seed, start), so the samples are the same however many
+    ranks share the work (rank r draws batches r, r + world, ...) and however the run was interrupted before."""
+    starts = range(0, n, batch)
+    mine = [draw(s, min(batch, n - s), torch.Generator(device).manual_seed(seed * 1_000_003 + s))
+            for s in tqdm(starts[rank::world], desc=desc, disable=rank != 0 or len(starts) < 2, leave=False)]
+    if world > 1:  # collect every rank's batches on rank 0, back in order
+        parts = [None] * world
+        dist.all_gather_object(parts, [b.cpu() for b in mine])
+        mine = [parts[k % world][k // world] for k in range(len(starts))]
+    return torch.cat([b.cpu() for b in mine]) if rank == 0 else None
 
 
 def to_uint8(x):
@@ -478,15 +573,12 @@ def to_uint8(x):
 
 
 def grid_image(x, nrow=None, pad=2):
-    """uint8 (N, C, H, W) -> PIL image of an nrow-wide grid."""
-    x = x.cpu()
+    """uint8 (N, C, H, W) -> PIL image of an nrow-wide grid, pad white pixels around each image."""
     n, c, h, w = x.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    ncol = -(-n // nrow)
-    g = torch.full((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        g[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = x[i]
+    nrow = nrow or math.ceil(n ** 0.5)
+    x = torch.cat([x.cpu(), torch.full((-n % nrow, c, h, w), 255, dtype=torch.uint8)])  # fill the last row
+    x = torch.nn.functional.pad(x, (pad, 0, pad, 0), value=255).view(-1, nrow, c, h + pad, w + pad)
+    g = torch.nn.functional.pad(x.permute(2, 0, 3, 1, 4).flatten(3).flatten(1, 2), (0, pad, 0, pad), value=255)
     return Image.fromarray(g[0].numpy() if c == 1 else g.permute(1, 2, 0).numpy())
 
 

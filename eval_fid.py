@@ -3,7 +3,6 @@ clean-fid; also KID (Binkowski et al. 2018, arXiv:1801.01401) and IS (Salimans e
     python eval_fid.py samples/ cifar10:train    # inputs: image folder | uint8 images .npz | stats .npz | dataset:split
     python eval_fid.py samples.npz stats.npz --mode clean --kid
     python eval_fid.py cifar10:train --save-stats cifar10-train.npz     # mu, sigma in pytorch-fid's format
-    python eval_fid.py --bench 50000              # img/s and the time of a 50k FID; pytorch-fid alongside if installed
 Modes (their FIDs differ: say which one you report):
   pytorch-fid  default. PIL -> RGB -> [0, 1], bilinear resize to 299 inside the net (F.interpolate, no antialiasing),
                2x - 1. The TF/pytorch-fid FID that DDPM, improved DDPM, ADM, EDM and most diffusion papers report.
@@ -12,10 +11,10 @@ Modes (their FIDs differ: say which one you report):
 Network: pytorch-fid's port of the TF 2015-12-05 graph, weights pt_inception-2015-12-05-6726825d.pth (downloaded
 once into the cache) or --weights / $FID_WEIGHTS. Exact fp32 (TF32 off) by default; --fast runs bf16 and prints what
 that costs.
-Conformance (tests/test_fid.py): pool3 features within 2e-6 (relative) of pytorch-fid 0.3.0's; FID of 500 vs 500
-images within 6e-5 of pytorch-fid 0.3.0 and clean-fid 0.1.35 in each mode (CPU, fp32).
+Speed: python bench.py fid 50000. Conformance (tests/test_fid.py): pool3 features within 2e-6 (relative) of
+pytorch-fid 0.3.0's; FID of 500 vs 500 images within 6e-5 of pytorch-fid 0.3.0 and clean-fid 0.1.35 in each mode.
 """
-import argparse, contextlib, hashlib, os, tempfile, time
+import argparse, contextlib, hashlib, os, time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import common
@@ -33,6 +31,56 @@ WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_wei
 WEIGHTS_FILE, WEIGHTS_SHA256 = 'pt_inception-2015-12-05-6726825d.pth', '6726825d'
 MODES = ('pytorch-fid', 'clean')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+
+# -----------------------------------------------------------------------------
+# The metrics: the Frechet distance (eq. 6 of the paper), KID and IS, on Inception features or their statistics
+
+
+def psd_eigenvalues(lam):
+    """Eigenvalues of a PSD matrix with those at rounding level (< d eps max, including negative ones) set to 0."""
+    return np.where(lam < len(lam) * np.finfo(np.float64).eps * lam.max(), 0, lam)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), eq. (6) of the paper, in float64 and without scipy."""
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    d = len(mu1)
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f'statistics do not match: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}')
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError('the statistics contain NaN/inf')
+    # tr (S1 S2)^1/2 = tr (A S2 A)^1/2 with A = S1^1/2: the same eigenvalues, now of a symmetric PSD matrix, so eigh
+    # replaces scipy's sqrtm. N <= 2048 samples make the covariances singular; the square roots of their ~1500 null
+    # eigenvalues, rounding noise of ~eps * |S|^2, would add 1e-5 to 1e-3 to FID: psd_eigenvalues zeroes them.
+    lam, V = np.linalg.eigh(sigma1)
+    A = (V * np.sqrt(psd_eigenvalues(lam))) @ V.T
+    M = A @ sigma2 @ A
+    tr_covmean = np.sqrt(psd_eigenvalues(np.linalg.eigvalsh((M + M.T) / 2))).sum()
+    fid = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean
+    if fid < -1e-6 * (np.trace(sigma1) + np.trace(sigma2)):
+        raise ValueError(f'negative FID {fid}: a covariance is not positive semi-definite')
+    return float(max(fid, 0.0))  # identical statistics leave a rounding error of ~1e-12 * trace
+
+
+def kernel_distance(f1, f2, num_subsets=100, max_subset_size=1000, seed=0):
+    """KID: unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged over random subsets as clean-fid does."""
+    d, m = f1.shape[1], min(len(f1), len(f2), max_subset_size)
+    rng, mmd = np.random.default_rng(seed), []
+    for _ in range(num_subsets):
+        x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))  # unbiased: no k(x_i, x_i)
+        mmd.append(within - 2 * kxy.mean())
+    return float(np.mean(mmd))
+
+
+def inception_score(logits, splits=10):
+    """IS = exp E_x KL(p(y|x) || p(y)) over the 1008 TF classes; mean and std over splits."""
+    logp = logits - logits.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    kl = [(np.exp(lp) * (lp - np.log(np.exp(lp).mean(0)))).sum(1).mean() for lp in np.array_split(logp, splits)]
+    return float(np.mean(np.exp(kl))), float(np.std(np.exp(kl)))
+
 
 # -----------------------------------------------------------------------------
 # InceptionV3 as in the TF 2015-12-05 graph (pytorch-fid's FIDInception*); names follow its state dict
@@ -195,7 +243,7 @@ def weights_id(path):
 
 
 # -----------------------------------------------------------------------------
-# Preprocessing and features
+# Preprocessing, features and their statistics
 
 
 @lru_cache
@@ -254,6 +302,22 @@ def compute_features(images, mode='pytorch-fid', device=None, model=None, batch_
     if not np.isfinite(f).all():
         raise ValueError('the Inception features contain NaN/inf: check the weights file, and try without --fast')
     return f
+
+
+def stats_of(features):
+    """mu and the unbiased covariance (np.cov's) of float64 features (N, d), on the GPU if there is one (50k x 2048)."""
+    f = torch.from_numpy(features).to('cuda' if torch.cuda.is_available() else 'cpu')
+    f_centred = f - f.mean(0)
+    return f.mean(0).cpu().numpy(), (f_centred.T @ f_centred / (len(f) - 1)).cpu().numpy()
+
+
+def compute_stats(images, mode='pytorch-fid', device=None, model=None):
+    """(mu, sigma) float64 of the pool3 features of uint8 images (N, C, H, W)."""
+    return stats_of(compute_features(images, mode, device, model))
+
+
+# -----------------------------------------------------------------------------
+# Inputs: image folders, .npz files (images or statistics), dataset:split; reference statistics, cached
 
 
 def read_image(path):
@@ -329,18 +393,6 @@ def input_features(spec, mode='pytorch-fid', device=None, model=None, batch_size
                            for x in image_chunks(spec, batch_size)])
 
 
-def stats_of(features):
-    """mu and the unbiased covariance (np.cov's) of float64 features (N, d), on the GPU if there is one (50k x 2048)."""
-    f = torch.from_numpy(features).to('cuda' if torch.cuda.is_available() else 'cpu')
-    f_centred = f - f.mean(0)
-    return f.mean(0).cpu().numpy(), (f_centred.T @ f_centred / (len(f) - 1)).cpu().numpy()
-
-
-def compute_stats(images, mode='pytorch-fid', device=None, model=None):
-    """(mu, sigma) float64 of the pool3 features of uint8 images (N, C, H, W)."""
-    return stats_of(compute_features(images, mode, device, model))
-
-
 def reference_stats(spec, mode='pytorch-fid', device=None, model=None, batch_size=200, fast=False):
     """(mu, sigma) of any CLI input; a dataset:split's are computed once, in exact fp32, and cached."""
     if str(spec).endswith('.npz') and isinstance(stats := read_npz(spec, mode), tuple):
@@ -380,101 +432,18 @@ class Scorer:
         return frechet_distance(*compute_stats(x, self.mode, model=self.model), *self.ref)
 
 
-# -----------------------------------------------------------------------------
-# Metrics
-
-
-def psd_eigenvalues(lam):
-    """Eigenvalues of a PSD matrix with those at rounding level (< d eps max, including negative ones) set to 0."""
-    return np.where(lam < len(lam) * np.finfo(np.float64).eps * lam.max(), 0, lam)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), eq. (6) of the paper, in float64 and without scipy."""
-    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
-    d = len(mu1)
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f'statistics do not match: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}')
-    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise ValueError('the statistics contain NaN/inf')
-    # tr (S1 S2)^1/2 = tr (A S2 A)^1/2 with A = S1^1/2: the same eigenvalues, now of a symmetric PSD matrix, so eigh
-    # replaces scipy's sqrtm. N <= 2048 samples make the covariances singular; the square roots of their ~1500 null
-    # eigenvalues, rounding noise of ~eps * |S|^2, would add 1e-5 to 1e-3 to FID: psd_eigenvalues zeroes them.
-    lam, V = np.linalg.eigh(sigma1)
-    A = (V * np.sqrt(psd_eigenvalues(lam))) @ V.T
-    M = A @ sigma2 @ A
-    tr_covmean = np.sqrt(psd_eigenvalues(np.linalg.eigvalsh((M + M.T) / 2))).sum()
-    fid = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean
-    if fid < -1e-6 * (np.trace(sigma1) + np.trace(sigma2)):
-        raise ValueError(f'negative FID {fid}: a covariance is not positive semi-definite')
-    return float(max(fid, 0.0))  # identical statistics leave a rounding error of ~1e-12 * trace
-
-
-def kernel_distance(f1, f2, num_subsets=100, max_subset_size=1000, seed=0):
-    """KID: unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged over random subsets as clean-fid does."""
-    d, m = f1.shape[1], min(len(f1), len(f2), max_subset_size)
-    rng, mmd = np.random.default_rng(seed), []
-    for _ in range(num_subsets):
-        x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
-        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))  # unbiased: no k(x_i, x_i)
-        mmd.append(within - 2 * kxy.mean())
-    return float(np.mean(mmd))
-
-
-def inception_score(logits, splits=10):
-    """IS = exp E_x KL(p(y|x) || p(y)) over the 1008 TF classes; mean and std over splits."""
-    logp = logits - logits.max(1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
-    kl = [(np.exp(lp) * (lp - np.log(np.exp(lp).mean(0)))).sum(1).mean() for lp in np.array_split(logp, splits)]
-    return float(np.mean(np.exp(kl))), float(np.std(np.exp(kl)))
+def run_scorer(ref, dataset, x, device):
+    """The Scorer of a training run: ref (--fid-ref: train or test of its dataset, or any reference) if given, else
+    the run's training set: a dataset's cached statistics, or an image folder's images x as trained on, from memory."""
+    if ref in ('train', 'test') and dataset in common.DATASETS:
+        ref = f'{dataset}:{ref}'
+    if ref or dataset in common.DATASETS:
+        return Scorer(ref or f'{dataset}:train', device)
+    return Scorer(None, device, images=x)
 
 
 # -----------------------------------------------------------------------------
-# Benchmark and command line
-
-
-def bench(n, model, batch_size):
-    """img/s of features from uint8 32x32 tensors and from a PNG folder, and the time of an n-sample FID."""
-    device = next(model.parameters()).device
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-
-    def timed(fn):
-        torch.cuda.synchronize() if device.type == 'cuda' else None
-        t0, out = time.perf_counter(), fn()
-        torch.cuda.synchronize() if device.type == 'cuda' else None
-        return time.perf_counter() - t0, out
-
-    with tempfile.TemporaryDirectory() as folder:
-        n_png = min(n, 10000)
-        for i, a in enumerate(x[:n_png].permute(0, 2, 3, 1).numpy()):
-            Image.fromarray(a).save(f'{folder}/{i:05d}.png')
-        compute_features(x[:batch_size], model=model, batch_size=batch_size)  # warm-up: cuDNN picks its algorithms
-        for mode in MODES:
-            t, _ = timed(lambda m=mode: compute_features(x, m, model=model, batch_size=batch_size))
-            print(f'eval_fid {mode:11s}: {n / t:7.0f} img/s from in-memory uint8 32x32 on {device}')
-        t, _ = timed(lambda: input_features(folder, model=model, batch_size=batch_size))
-        print(f'eval_fid pytorch-fid: {n_png / t:7.0f} img/s from a folder of {n_png} PNGs')
-        t, ref = timed(lambda: compute_stats(x, model=model))
-        t_fd, _ = timed(lambda: frechet_distance(*ref, *ref))
-        print(f'eval_fid pytorch-fid: FID of {n} in-memory samples in {t + t_fd:.1f} s ({t_fd:.1f} s the distance)')
-        try:
-            from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
-            from pytorch_fid.inception import InceptionV3 as PytorchFidInception
-            pf = PytorchFidInception([3]).to(device).eval()
-        except Exception as e:
-            return print(f'pytorch-fid        : skipped ({type(e).__name__}: {e})')
-
-        @torch.no_grad()
-        def pf_stats():  # pytorch-fid's own loop, minus its DataLoader
-            f = torch.cat([pf(b.to(device).float() / 255)[0].flatten(1).cpu() for b in x.split(batch_size)]).numpy()
-            return f.mean(0), np.cov(f, rowvar=False)
-        t, _ = timed(pf_stats)
-        print(f'pytorch-fid        : {n / t:7.0f} img/s from in-memory uint8 32x32')
-        t, _ = timed(lambda: compute_statistics_of_path(folder, pf, batch_size, 2048, device, num_workers=8))
-        print(f'pytorch-fid        : {n_png / t:7.0f} img/s from a folder of {n_png} PNGs')
-        t, _ = timed(lambda: calculate_frechet_distance(*pf_stats(), *ref))
-        print(f'pytorch-fid        : FID of {n} in-memory samples in {t:.1f} s')
+# Command line
 
 
 def fast_deviation(paths, mode, model, n=1000):
@@ -493,8 +462,6 @@ def run(args):
     if args.save_stats and not Path(args.save_stats).resolve().parent.is_dir():
         raise ValueError(f'--save-stats {args.save_stats}: the folder {Path(args.save_stats).parent} does not exist')
     model = load_inception(args.weights, args.device)
-    if args.bench:
-        return bench(args.bench, model, args.batch_size)
     if len(args.paths) != (1 if args.save_stats else 2):
         raise ValueError('give two inputs to compare, or one input and --save-stats OUT.npz (see --help)')
     if args.inception_score and model.fc is None:
@@ -528,8 +495,6 @@ def main(argv=None):
     p.add_argument('--kid', action='store_true', help='also KID, on 100 subsets of min(1000, N) images as clean-fid')
     p.add_argument('--is', dest='inception_score', action='store_true', help='also IS (needs weights with fc)')
     p.add_argument('--fast', action='store_true', help='bf16 autocast and TF32; prints its FID deviation from fp32')
-    p.add_argument('--bench', type=int, nargs='?', const=50000, metavar='N', help='time features and an N-sample FID '
-                   '(default N: 50000), and pytorch-fid the same way if it is installed')
     args = p.parse_args(argv)
     try:
         run(args)

@@ -5,21 +5,18 @@ KL(q || p) and evaluated on the test split with the IWAE bound on log p(x) (Burd
 vae.load_autoencoder(path) -> (model, cfg), model.encode(x) -> z, model.decode(z) -> x.
 
     python vae.py --dataset mnist                        # MLP VAE, Bernoulli on dynamically binarised MNIST, nats
-    python vae.py --dataset cifar10 --arch conv          # conv VAE, discretised logistic likelihood, bits/dim
+    python vae.py --dataset cifar10                      # conv VAE, discretised logistic likelihood, bits/dim
     python vae.py --dataset mnist --arch ae              # f=4, c=4 autoencoder for ldm.py: 28x28 -> 7x7x4
-    torchrun --standalone --nproc_per_node=8 vae.py --dataset cifar10 --arch conv
+    torchrun --standalone --nproc_per_node=8 vae.py --dataset cifar10
     python vae.py --mode eval --out runs/vae-mlp-mnist   # -ELBO, IWAE (k=1000), recon, KL, MSE, PSNR on the test set
     python vae.py --mode sample --out runs/vae-mlp-mnist --n-samples 10000   # samples.npz + PNGs for eval_fid.py
     python vae.py --mode interp --out runs/vae-mlp-mnist # interpolation between test images in latent space
-    python vae.py --mode sweep --sweep beta              # exercises: beta | latent | arch sweeps, table + figures
-    python vae.py --mode bench --arch ae --dataset cifar10   # training img/s and peak memory
 
-Measured on 2 CPU cores (torch 2.13.0+cpu): `python vae.py --dataset mnist --device cpu` (MLP 784-512-512-32, 60
-epochs) takes 7 min end to end: test -log p(x) <= 90.60 nats (IWAE, k = 1000, all 10,000 test images), -ELBO 96.75.
-The f=4, c=4 autoencoder: test PSNR 29.7 dB on MNIST, 26.2 dB on cifar10-subset (4 and 6 min). Protocols: README.
+Measured on 2 CPU cores (torch 2.13.0+cpu): `python vae.py --dataset mnist --device cpu` (preset mnist-cpu: MLP
+784-512-512-32, 60 epochs) takes 7 min end to end: test -log p(x) <= 90.60 nats (IWAE, k = 1000, all 10,000 test
+images), -ELBO 96.75. The f=4, c=4 autoencoder: test PSNR 29.7 dB on MNIST, 26.2 dB on cifar10-subset. README: how.
 """
-import dataclasses, json, math, time
-from contextlib import nullcontext
+import dataclasses, json, math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +30,8 @@ import common
 
 @dataclass
 class Config:
-    mode: str = 'train'  # train | eval | sample | interp (these read --out/ckpt.pt) | sweep | bench
+    mode: str = 'train'  # train | eval | sample | interp (the last three read --out/ckpt.pt)
+    preset: str = ''  # named settings below the flags given (listed at the end of --help); '': from the flags, device
     dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset | path of an image folder
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data)
     image_size: int = 32  # image folders only: shorter side resized to this, then centre-cropped
@@ -55,36 +53,30 @@ class Config:
     lr: float = 1e-3  # Adam learning rate
     resume: bool = False  # continue from --out/ckpt.pt
     log_every: int = 100  # steps between log lines
-    ckpt_every: int = 2000  # steps between checkpoints (also at the end and on Ctrl-C / SIGTERM)
+    ckpt_every: int = 2000  # steps between checkpoints (also every epoch, at the end and on Ctrl-C / SIGTERM)
     fid_every: int = 0  # steps between FIDs of prior samples against the training set, and one at the end (0: off)
     fid_samples: int = 10000  # samples per FID
     rfid: int = 0  # evaluation: FID of the reconstructions of the first n test images against those images (0: off)
     eval_k: int = 1000  # importance samples per test image for the IWAE bound
     eval_n: int = 10000  # test images evaluated (the first n)
     n_samples: int = 100  # --mode sample: number of prior samples (samples.npz and a folder of PNGs)
-    sweep: str = 'beta'  # --mode sweep: the flag to vary: beta | latent | arch
-    values: str = ''  # --mode sweep: its values (default beta 0.1,1,5,20; latent 2,5,10,20,50; arch mlp,conv)
 
 
-PRESETS = {  # below explicit flags: by dataset, then by arch, then cpu-<arch> on top on a CPU
-    'mnist': {}, 'fashion-mnist': dict(likelihood='logistic'),
-    'rgb': dict(likelihood='logistic', arch='conv', latent=128, hidden=512, ch=64),  # cifar10, image folders
-    'conv': dict(hidden=256),
-    'ae': dict(likelihood='l1', beta=1e-6, latent=4, ch=64, epochs=20),  # LDM's KL-f4: kl_weight 1e-6
-    'cpu-mlp': dict(hidden=512, depth=2, latent=32, epochs=60),  # the 15-minute MNIST recipe (README)
-    'cpu-ae': dict(ch=16, steps=1500),  # about 190k images: 3 epochs of MNIST, 35 of cifar10-subset
-}
-SWEEPS = dict(beta='0.1,1,5,20', latent='2,5,10,20,50', arch='mlp,conv')
+MLP_CPU = dict(hidden=512, depth=2, latent=32, epochs=60)  # the 7-minute MNIST recipe (README)
+AE = dict(arch='ae', likelihood='l1', beta=1e-6, latent=4, ch=64, epochs=20)  # LDM's KL-f4: kl_weight 1e-6
+PRESETS = {'mnist': {}, 'mnist-cpu': MLP_CPU,  # Kingma & Welling's MLP 784-400-20; bigger and longer on a CPU
+           'fashion-mnist': dict(likelihood='logistic'), 'fashion-mnist-cpu': dict(MLP_CPU, likelihood='logistic'),
+           'rgb': dict(arch='conv', likelihood='logistic', latent=128, hidden=256, ch=64),  # cifar10, folders
+           'ae': AE, 'ae-cpu': dict(AE, ch=16, steps=1500)}  # ae-cpu: 190k images, 3 epochs of MNIST
+
+
+def pick(v):  # the preset when --preset is not given: the autoencoder, else by the data; -cpu on a CPU if there is one
+    name = 'ae' if v['arch'] == 'ae' else v['dataset'] if v['dataset'] in ('mnist', 'fashion-mnist') else 'rgb'
+    return name + '-cpu' * (common.resolve_device(v['device']) == 'cpu' and name + '-cpu' in PRESETS)
+
+
 MODEL_KEYS = ('dataset', 'image_size', 'arch', 'likelihood', 'latent', 'hidden', 'depth', 'ch', 'f')
-
-
-def presets(v):
-    p = dict(PRESETS.get(v['dataset'], PRESETS['rgb']))
-    arch = p.get('arch', 'mlp') if v['arch'] == 'mlp' else v['arch']  # an explicit --arch conv/ae, or the preset's
-    cpu = common.resolve_device(v['device']) == 'cpu'
-    p.update(PRESETS.get(arch, {}), **PRESETS.get(f'cpu-{arch}', {}) if cpu else {})
-    return p
-
+RECIPE_KEYS = ('seed', 'batch_size', 'lr', 'beta', 'beta_warmup')
 
 # -----------------------------------------------------------------------------
 # Maths: the KL term, the discretised logistic likelihood, the ELBO and IWAE bounds
@@ -200,8 +192,11 @@ class VAE(nn.Module):
 
 
 def load_autoencoder(path):
-    """The model of a vae.py checkpoint (eval mode, CPU) and its Config: model.encode(x) -> z, model.decode(z) -> x."""
+    """The model of a finished vae.py run (eval mode, CPU) and its Config: model.encode(x) -> z, model.decode(z)."""
     ckpt = common.load_ckpt(path, 'vae')
+    if ckpt['step'] < ckpt.get('steps', 0):
+        common.fail(f'{path} is a run stopped at step {ckpt["step"]} of {ckpt["steps"]}: finish it first (vae.py '
+                    f'--out {Path(path).parent} --resume 1 with its flags), or give a finished one')
     cfg = Config(**{k: v for k, v in ckpt['config'].items() if k in Config.__dataclass_fields__})
     model = VAE(cfg, *common.image_shape(cfg)[:2])
     model.load_state_dict(ckpt['model'])
@@ -269,30 +264,16 @@ def recon_grid(model, x, path):  # row 1: test images, row 2: their mean reconst
     model.train()
 
 
-def loss_curve(out):  # the log's reconstruction and KL terms, plotted apart (the KL is small and changes slowly)
-    rows = [dict(kv.split(' ', 1) for kv in line.split(' | ')[:4]) for line in open(out / 'log.txt') if '| kl' in line]
-    plt = common.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, name in zip(axes, ('recon', 'kl'), ('-log p(x|z)', 'KL(q(z|x) || p(z))')):
-        ax.plot([int(r['step']) for r in rows], [float(r[key]) for r in rows])
-        ax.set(title=f'{name} on training batches', xlabel='step', ylabel='nats per image')
-    fig.savefig(out / 'loss.png')
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 # Training
 
 
 def check(cfg, world=1):
-    choices = dict(mode=('train', 'eval', 'sample', 'interp', 'sweep', 'bench'), arch=('mlp', 'conv', 'ae'),
-                   likelihood=('bernoulli', 'logistic', 'l1', 'l2'), sweep=tuple(SWEEPS))
-    for k, allowed in choices.items():
-        if getattr(cfg, k) not in allowed:
-            common.fail(f'--{k} {getattr(cfg, k)!r} is not one of: {", ".join(allowed)}')
-    common.check_ranges(cfg, positive=('latent', 'hidden', 'depth', 'ch', 'epochs', 'batch_size', 'lr', 'log_every',
-                                       'ckpt_every', 'eval_k', 'eval_n', 'n_samples'),
-                        nonnegative=('beta', 'beta_warmup', 'steps', 'fid_every', 'fid_samples', 'rfid'))
+    common.check(cfg, dict(mode=('train', 'eval', 'sample', 'interp'), arch=('mlp', 'conv', 'ae'),
+                           likelihood=('bernoulli', 'logistic', 'l1', 'l2')),
+                 positive=('latent', 'hidden', 'depth', 'ch', 'epochs', 'batch_size', 'lr', 'log_every',
+                           'ckpt_every', 'eval_k', 'eval_n', 'n_samples'),
+                 nonnegative=('beta', 'beta_warmup', 'steps', 'fid_every', 'fid_samples', 'rfid'))
     down = cfg.f if cfg.arch == 'ae' else 4 if cfg.arch == 'conv' else 1
     if cfg.arch == 'ae' and cfg.f not in (2, 4):
         common.fail(f'--f {cfg.f}: the autoencoder downsamples by 2 or 4')
@@ -316,101 +297,63 @@ def train(cfg):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     model = VAE(cfg, *x.shape[1:3]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start = 0
-    if cfg.resume:
-        ckpt = common.load_ckpt(out / 'ckpt.pt', 'vae')
-        common.check_resume(ckpt, cfg, MODEL_KEYS)
-        model.load_state_dict(ckpt['model'])
-        opt.load_state_dict(ckpt['opt'])
-        start = ckpt['step']
-    elif (out / 'ckpt.pt').exists():
-        common.fail(f'{out}/ckpt.pt exists: pass --resume 1 to continue it, or another --out')
+    if ckpt := common.resume(out, 'vae', cfg, MODEL_KEYS, RECIPE_KEYS):
+        model.load_state_dict(ckpt['model']), common.load_opt(opt, ckpt['opt'])
     common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | {cfg.arch} VAE, {cfg.likelihood}, '
-                  f'{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters | steps {start} -> {steps}')
+                  f'{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters | steps '
+                  f'{ckpt["step"] if ckpt else 0} -> {steps}')
     if rank == 0:
         (out / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     net = nn.parallel.DistributedDataParallel(model, [device] if 'cuda' in device else None) if world > 1 else model
-    scorer = None
     if cfg.fid_every and rank == 0:
-        import eval_fid
-        scorer = eval_fid.Scorer(f'{cfg.dataset}:train', device) if cfg.dataset in common.DATASETS else \
-            eval_fid.Scorer(cfg.dataset, device, images=x)
+        import eval_fid  # only runs that ask for FID pay for the Inception network
+        scorer = eval_fid.run_scorer('', cfg.dataset, x, device)
 
-    def save_and_exit(step, code=None):
-        if rank == 0:
-            common.save_ckpt(out / 'ckpt.pt', dict(script='vae', model=model.state_dict(), opt=opt.state_dict(),
-                                                   step=step, config=dataclasses.asdict(cfg)))
-        if code:
-            common.print0(f'\nstopped at step {step}; checkpoint saved to {out}/ckpt.pt (continue with --resume 1)')
-            raise SystemExit(code)
+    def save(step, clock):  # the loop calls it every --ckpt-every steps and epoch, at the end and on Ctrl-C
+        common.save_ckpt(out / 'ckpt.pt', dict(script='vae', model=model.state_dict(), opt=opt.state_dict(),
+                                               step=step, steps=steps, config=dataclasses.asdict(cfg)))
 
-    with common.stop_requested() as stop, open(out / 'log.txt', 'a') if rank == 0 else nullcontext() as log:
-        t0, last = time.perf_counter(), start
-        for step in (pbar := tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0)):
-            torch.manual_seed((cfg.seed * 1000 + rank) * 10 ** 9 + step)  # batch, binarisation, eps: exact on resume
+    with common.Loop(cfg, out, save, ckpt['step'] if ckpt else 0, steps, epoch=per_epoch, fid=cfg.fid_every) as loop:
+        for step in loop:
             beta = cfg.beta * min(1.0, (step + 1) / cfg.beta_warmup) if cfg.beta_warmup else cfg.beta
-            rec, kl = net(to_model(x[torch.randint(len(x), (cfg.batch_size // world,), device=device)], cfg.likelihood))
+            xb = to_model(x[torch.randint(len(x), (cfg.batch_size // world,), device=device)], cfg.likelihood)
+            rec, kl = net(xb)
             loss = (beta * kl - rec).mean()  # -ELBO per image when beta = 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            done = step + 1
-            if world > 1 and done % cfg.log_every == 0:  # ranks agree on stopping, so none waits in a collective
-                flag = torch.tensor(float(bool(stop)), device=device)
-                torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-                stop[:] = [1] * bool(flag)
-            halt = bool(stop) and (world == 1 or done % cfg.log_every == 0)
-            if done % cfg.log_every == 0 or done == steps or halt:
-                lossf, dt = loss.item(), time.perf_counter() - t0
-                if not math.isfinite(lossf):
-                    common.fail(f'loss is {lossf} at step {done}: lower --lr or check the data')
-                pbar.set_postfix(loss=f'{lossf:.2f}', kl=f'{kl.mean().item():.2f}')
-                if log:
-                    print(f'step {done} | recon {-rec.mean().item():.4f} | kl {kl.mean().item():.4f} | '
-                          f'loss {lossf:.4f} | beta {beta:.3g} | {1000 * dt / (done - last):.2f} ms/step | '
-                          f'{(done - last) * cfg.batch_size / dt:.0f} img/s', file=log, flush=True)
-                t0, last = time.perf_counter(), done
-            if halt or done % cfg.ckpt_every == 0 or done == steps:
-                save_and_exit(done, 130 if halt else None)
-            epoch, pause = done // per_epoch, time.perf_counter()
-            try:
-                with stop.now():
-                    if rank == 0 and done % per_epoch == 0 and (epoch in (1, 2, 5) or epoch % 10 == 0):
-                        recon_grid(model, test[:10], out / f'recon_epoch{epoch:03d}.png')
-                    if scorer and (done % cfg.fid_every == 0 or done == steps):
-                        score = scorer(common.to_uint8(sample(model.eval(), cfg.fid_samples, cfg.seed)))
-                        model.train()
-                        common.print0(f'\nstep {done} | FID-{cfg.fid_samples} {score:.2f}')
-                        print(f'step {done} | fid{cfg.fid_samples} {score:.4f}', file=log, flush=True)
-            except KeyboardInterrupt:
-                save_and_exit(done, 130)
-            t0 += time.perf_counter() - pause  # timings exclude grids and FID
-    if start >= steps:
-        common.print0(f'{out}/ckpt.pt already reached step {steps}; writing the final outputs only')
+            loop.log(recon=-rec.mean(), kl=kl.mean(), loss=loss, beta=beta)
+            epoch = loop.done // per_epoch
+            if loop.due('epoch') and rank == 0 and (epoch in (1, 2, 5) or epoch % 10 == 0):
+                recon_grid(model, test[:10], out / f'recon_epoch{epoch:03d}.png')
+            if cfg.fid_every and loop.due('fid') and rank == 0:
+                x_fid = common.to_uint8(sample(model.eval(), cfg.fid_samples, cfg.seed))
+                loop.write(f'fid{cfg.fid_samples} {scorer(x_fid):.4f}')
+                model.train()
     if rank != 0:
         return model, None
     recon_grid(model, test[:10], out / 'recon.png')
     common.save_grid(common.to_uint8(sample(model, 100, cfg.seed)), out / 'prior.png', nrow=10)
-    loss_curve(out)
-    print(f'step {max(start, steps)} -> {out}/ckpt.pt, prior.png (10x10 prior samples), recon.png, loss.png, eval.json')
+    print(f'step {loop.done} -> {out}/ckpt.pt, prior.png (10x10 prior samples), recon.png, eval.json; training curves: '
+          f'python exercises/curves.py {out}')
     return model, evaluate(model, test, cfg)
 
 
 # -----------------------------------------------------------------------------
-# Modes that read a checkpoint, and the exercises
+# Modes that read a checkpoint: evaluation, prior samples, interpolation
 
 
 @torch.no_grad()
 def from_checkpoint(cfg):
     device, out = common.setup(cfg.device)[0], Path(cfg.out)
     model, trained = load_autoencoder(out / 'ckpt.pt')
+    common.claim(out)  # not into a folder that a training run is writing
     model, cfg = model.to(device), dataclasses.replace(cfg, **{k: getattr(trained, k) for k in MODEL_KEYS})
     if cfg.mode == 'eval':
         return evaluate(model, test_set(cfg, device), cfg)
     if cfg.mode == 'sample':
         common.write_samples(common.to_uint8(sample(model, cfg.n_samples, cfg.seed)), out, 'samples')
-        common.save_grid(common.to_uint8(sample(model, 100, cfg.seed)), out / 'prior.png', nrow=10)
-        return print(f'{cfg.n_samples} prior samples -> {out}/samples.npz, samples/; 10x10 grid {out}/prior.png')
+        return common.save_grid(common.to_uint8(sample(model, 100, cfg.seed)), out / 'prior.png', nrow=10)
     x = test_set(dataclasses.replace(cfg, eval_n=16), device)  # interp: z = (1 - t) mu_a + t mu_b for 8 pairs
     mu, t = model.encode(x), torch.linspace(0, 1, 10, device=device).view(1, 10, *[1] * len(model.zshape))
     z = (1 - t) * mu[0::2, None] + t * mu[1::2, None]  # (8, 10, *zshape)
@@ -419,68 +362,12 @@ def from_checkpoint(cfg):
     print(f'wrote {out}/interp.png (each row: test image a, 10 decoded points from mu_a to mu_b, test image b)')
 
 
-def sweep(cfg):
-    """Exercise: one model per value of --sweep, then a table (sweep.csv, printed), sweep.png and sweep_grids.png."""
-    name, values, out = cfg.sweep, (cfg.values or SWEEPS[cfg.sweep]).split(','), Path(cfg.out)
-    rows = []
-    for v in values:
-        c = dataclasses.replace(cfg, mode='train', out=str(out / f'{name}-{v}'), **{name: type(getattr(cfg, name))(v)})
-        rows.append(dict({name: v}, **train(dataclasses.replace(c, resume=(Path(c.out) / 'ckpt.pt').exists()))[1]))
-    table = [list(rows[0])] + [[f'{v:.4g}' if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
-    (out / 'sweep.csv').write_text(''.join(','.join(r) + '\n' for r in table))
-    print('\n'.join(' | '.join(r) for r in table))
-    plt = common.pyplot()
-    xs = values if name == 'arch' else [float(v) for v in values]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for key in [k for k in ('recon', 'kl', 'nelbo') if k in rows[0]]:
-        axes[0].plot(xs, [r[key] for r in rows], 'o-', label={'nelbo': '-ELBO'}.get(key, key))
-    axes[0].set(title=f'test ELBO terms vs {name}', xlabel=name, ylabel=rows[0]['unit'])
-    axes[1].plot(xs, [r['psnr'] for r in rows], 'o-')
-    axes[1].set(title=f'reconstruction PSNR vs {name}', xlabel=name, ylabel='PSNR (dB)')
-    for ax in axes if name != 'arch' else ():
-        ax.set_xscale('log')
-    axes[0].legend()
-    fig.savefig(out / 'sweep.png')
-    fig, axes = plt.subplots(2, len(values), figsize=(3 * len(values), 5.4), squeeze=False)
-    for j, v in enumerate(values):
-        for i, (png, what) in enumerate((('recon.png', 'test / reconstruction'), ('prior.png', 'prior samples'))):
-            axes[i, j].imshow(plt.imread(out / f'{name}-{v}' / png), cmap='gray')
-            axes[i, j].set(title=f'{name} = {v}: {what}', xticks=[], yticks=[])
-    fig.savefig(out / 'sweep_grids.png')
-    print(f'wrote {out}/sweep.csv, sweep.png, sweep_grids.png')
-
-
-def bench(cfg, steps=20):
-    """Training throughput at --batch-size on random data: img/s and peak memory."""
-    device = common.setup(cfg.device)[0]
-    cuda, (C, H, _) = 'cuda' in device, common.image_shape(cfg)
-    model = VAE(cfg, C, H).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    xb = to_model(torch.randint(0, 256, (cfg.batch_size, C, H, H), dtype=torch.uint8, device=device), cfg.likelihood)
-    for i in range(steps + 3):  # 3 warm-up steps
-        if i == 3:
-            torch.cuda.synchronize() if cuda else None
-            t0 = time.perf_counter()
-        rec, kl = model(xb)
-        opt.zero_grad(set_to_none=True)
-        (kl - rec).mean().backward()
-        opt.step()
-    torch.cuda.synchronize() if cuda else None
-    dt = (time.perf_counter() - t0) / steps
-    print(f'{torch.cuda.get_device_name() if cuda else "cpu"} | torch {torch.__version__} | {cfg.arch} {cfg.dataset} | '
-          f'batch {cfg.batch_size} | {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params\n{1000 * dt:.2f} '
-          f'ms/step | {cfg.batch_size / dt:.0f} img/s | peak memory '
-          f'{torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan"):.2f} GiB')
-
-
 def main(argv=None):
-    cfg = common.parse_config(Config, presets, argv)
+    cfg = common.parse_config(Config, PRESETS, pick, argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/vae-{cfg.arch}-{Path(cfg.dataset).name}')
     check(cfg)
-    modes = dict(train=train, eval=from_checkpoint, sample=from_checkpoint, interp=from_checkpoint, sweep=sweep,
-                 bench=bench)
     with common.script_guard():
-        return modes[cfg.mode](cfg)
+        return (train if cfg.mode == 'train' else from_checkpoint)(cfg)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ from PIL import Image
 
 import ddim
 import ddpm
+from exercises import ddim_steps, ho_weights, speedrun
 
 # -----------------------------------------------------------------------------
 # Gaussian data x0 ~ N(m, s^2 I): the optimal eps-prediction is closed-form, so a sampler's output distribution can be
@@ -38,8 +39,8 @@ class Gaussian(torch.nn.Module):
 # tilde leaves out Var[x0 | x_t] (-3.2%, and eta = 1 at S = T gives the same); DDIM's last step returns E[x0 | x_t1],
 # which shrinks the variance more the coarser the grid; DPM-Solver++(2M) is within 5% from S = 10 on.
 def sample_stats(sampler, steps, eta, spacing):
-    run = ddim.Config(sampler=sampler, steps=steps, eta=eta, spacing=spacing)
-    x = ddim.sample(Gaussian(), N, (D,), CFG, None, torch.Generator().manual_seed(0), run).double()
+    run, g = ddim.Config(sampler=sampler, steps=steps, eta=eta, spacing=spacing), torch.Generator().manual_seed(0)
+    x = ddim.sample(Gaussian(), torch.randn(N, D, generator=g), CFG, run, None, g).double()
     return x.mean().item(), x.var().item() / S ** 2
 
 
@@ -72,18 +73,19 @@ def test_eta1_is_the_ddpm_posterior_and_eta0_is_deterministic():
         torch.testing.assert_close(ddim.ddim_step(x, out, z, ab_t, ab_prev, sigma, objective, True),
                                    ddpm.ddpm_step(x, out, z, ab_t, ab_prev, sigma, objective, True))
     xT, ts = torch.randn(8, D), ddim.timesteps(T, 20, 'uniform')
-    a, b = (ddim.ddim_sample(Gaussian(), xT, ts, ab, 0.0, CFG, None, torch.Generator().manual_seed(s)) for s in (0, 1))
+    a, b = (ddim.ddim_sample(Gaussian(), xT, ts, ab, 0.0, 'eps', False, generator=torch.Generator().manual_seed(s))
+            for s in (0, 1))
     assert torch.equal(a, b)
-    c = ddim.ddim_sample(Gaussian(), xT, ts, ab, 1.0, CFG, None, torch.Generator().manual_seed(1))
+    c = ddim.ddim_sample(Gaussian(), xT, ts, ab, 1.0, 'eps', False, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(a, c)
 
 
 def test_inversion_then_decoding_reconstructs():
     x0 = (M + S * torch.randn(256, D, generator=torch.Generator().manual_seed(2))).clamp(-1, 1)  # decoding clamps
     ts = ddim.timesteps(T, 100, 'quadratic')
-    xT = ddim.ddim_invert(Gaussian(), x0, ts, AB, CFG)
+    xT = ddim.ddim_invert(Gaussian(), x0, ts, AB, 'eps')
     assert abs(xT.std().item() - 1) < 0.05  # a real encoding: x_T is noise-like (x0 has std 0.25) ...
-    rec = ddim.ddim_sample(Gaussian(), xT, ts, AB, 0.0, CFG)
+    rec = ddim.ddim_sample(Gaussian(), xT, ts, AB, 0.0, 'eps', False).clamp(-1, 1)  # decoded to pixels
     rmse = (rec - x0).pow(2).mean().sqrt().item()
     assert rmse < 0.015, rmse  # ... that decodes back (measured 0.0105 at S = 100; 0.004 at S = T; 0.35 for new noise)
 
@@ -111,13 +113,13 @@ def test_diffusers_import_matches_unet2dmodel(tmp_path):
         for p in ref.parameters():  # nothing left at zero init, so every mapped tensor matters
             p.add_(0.1 * torch.randn_like(p))
     ref.eval().save_pretrained(tmp_path / 'ho')
-    model, mcfg = ddim.load_diffusers(tmp_path / 'ho')
+    model, mcfg = ho_weights.load_diffusers(tmp_path / 'ho')
     assert (mcfg.ch, mcfg.ch_mult, mcfg.attn_res, mcfg.num_res_blocks) == (128, '1,2', '4', 2)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x, t), ref(x, t).sample, atol=1e-5, rtol=1e-4)
-    ddim.main(['--init-from', str(tmp_path / 'ho'), '--out', str(tmp_path / 'o'), '--device', 'cpu',
-               '--n-samples', '2', '--steps', '2'])
+    ho_weights.main([str(tmp_path / 'ho'), '--out', str(tmp_path / 'o')])
+    ddim.main(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--n-samples', '2', '--steps', '2'])
     assert np.load(tmp_path / 'o' / 'samples_ddim-S2-eta0.npz')['arr_0'].shape == (2, 8, 8, 3)
 
 
@@ -166,7 +168,7 @@ def test_every_mode_writes_its_outputs(run_dir, fake_fid):
     run(run_dir, '--sampler', 'dpm++2m', '--save', 'npz')
     assert np.load(run_dir / 'samples_dpm++2m-S4-eta0.npz')['arr_0'].shape == (2, 28, 28, 1)
     cell = 30  # 28 pixels + 2 of padding
-    run(run_dir, '--mode', 'sweep', '--grid-steps', '20,3')
+    ddim_steps.main(['--out', str(run_dir), '--device', 'cpu', '--n-samples', '2', '--grid-steps', '20,3'])
     assert size(run_dir / 'sweep.png') == (6 * cell + 2, 2 * cell + 2)  # 2 S x (3 samplers x 2 images)
     run(run_dir, '--mode', 'invert')
     assert size(run_dir / 'invert.png') == (2 * cell + 2, 3 * cell + 2)
@@ -177,15 +179,15 @@ def test_every_mode_writes_its_outputs(run_dir, fake_fid):
     assert size(run_dir / 'sdedit_steps.png') == (6 * cell + 2, 2 * cell + 2)
     run(run_dir, '--mode', 'inpaint', '--sampler', 'ddpm')
     assert size(run_dir / 'inpaint.png') == (2 * cell + 2, 3 * cell + 2)
-    run(run_dir, '--mode', 'fid', '--grid-steps', '20,2', '--fid-samples', '3')
+    ddim_steps.main(['--out', str(run_dir), '--device', 'cpu', '--grid-steps', '20,2', '--fid-samples', '3'])
     lines = (run_dir / 'fid_steps.csv').read_text().splitlines()
     assert fake_fid == ['mnist:train'] and len(lines) == 1 + 6 and lines[2].startswith('ddpm-S20-eta1,')
 
 
 def test_speedrun_trains_for_its_time_budget_then_scores_once(tmp_path, fake_fid, capsys):
-    args = ['--mode', 'speedrun', '--out', str(tmp_path), '--device', 'cpu', '--fid-samples', '3', '--steps', '3',
+    args = ['--out', str(tmp_path), '--device', 'cpu', '--fid-samples', '3', '--steps', '3',
             '--train', ' '.join(TINY) + ' --time-budget 1 --steps 5000']
-    ddim.main(args)
+    speedrun.main(args)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert 1 <= ckpt['clock'] < 30 and 1 < ckpt['step'] < 5000  # stopped by the clock, not by --steps
     last = capsys.readouterr().out.splitlines()[-3:]
@@ -193,12 +195,12 @@ def test_speedrun_trains_for_its_time_budget_then_scores_once(tmp_path, fake_fid
     assert last[1].startswith('sampling 3 images with ddim, S = 3, eta = 1: ')
     assert last[2].startswith('FID-3 against mnist:')
     assert Image.open(tmp_path / 'speedrun.png').size == (10 * 30 + 2, 30 + 2)  # rows of 10
-    ddim.main(args)  # the budget is spent: straight to sampling, no more training
+    speedrun.main(args)  # the budget is spent: straight to sampling, no more training
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == ckpt['step']
     with pytest.raises(SystemExit, match='trained with other lr'):  # a variant must not reuse another's run
-        ddim.main(args[:-1] + [args[-1] + ' --lr 1e-3'])
-    with pytest.raises(SystemExit, match='drop --ckpt'):
-        ddim.main(args + ['--ckpt', str(tmp_path / 'ckpt.pt')])
+        speedrun.main(args[:-1] + [args[-1] + ' --lr 1e-3'])
+    with pytest.raises(SystemExit):  # it trains its own model into --out: there is no --ckpt to give
+        speedrun.main(args + ['--ckpt', str(tmp_path / 'ckpt.pt')])
 
 
 def test_inpainting_noises_the_known_pixels_with_the_forward_process():
@@ -207,7 +209,8 @@ def test_inpainting_noises_the_known_pixels_with_the_forward_process():
     keep = torch.arange(D) < D // 2
     ts, snaps = ddim.timesteps(T, 50, 'uniform'), []
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
-    ddim.ddim_sample(Gaussian(), x, ts, AB, 1.0, CFG, None, torch.Generator().manual_seed(0), snaps, (x0, keep))
+    ddim.ddim_sample(Gaussian(), x, ts, AB, 1.0, 'eps', False, None, 1.0, torch.Generator().manual_seed(0), snaps,
+                     (x0, keep))
     known = snaps[25][:, keep].double()  # x after step 24, i.e. at t = ts[25]
     ab = AB[ts[25]].item()
     n = known.numel()
@@ -226,7 +229,7 @@ def test_bad_input_fails_clearly(run_dir, tmp_path):
     with pytest.raises(SystemExit, match='between 1 and .* T = 20'):
         run(run_dir, '--steps', '21')
     with pytest.raises(SystemExit, match='between 1 and .* T = 20'):
-        run(run_dir, '--mode', 'sweep', '--grid-steps', '1000,10')
+        ddim_steps.main(['--out', str(run_dir), '--device', 'cpu', '--grid-steps', '1000,10'])
     with pytest.raises(SystemExit, match='--steps 0 must be > 0'):
         run(run_dir, '--steps', '0')
     with pytest.raises(SystemExit, match=r'--eta -0.5 must be in \[0, 1\]'):

@@ -1,5 +1,6 @@
 """ddpm.py end to end on CPU with a tiny U-Net: train, sample, resume exactly, survive a kill, DDP, figures."""
-import dataclasses, os, signal, socket
+import os, signal, socket
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from helpers import sigterm_run
 import common
 import ddpm
+from exercises import forward, schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset', 'mnist', '--device', 'cpu', '--ch', '8', '--ch-mult', '1,2', '--num-res-blocks', '1',
@@ -67,7 +69,7 @@ def _ddp_worker(rank, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg = common.parse_config(ddpm.Config, ddpm.presets, TINY + ['--out', out, '--steps', '3', '--dropout', '0.1'])
+    cfg = common.parse_config(ddpm.Config, ddpm.PRESETS, ddpm.pick, TINY + ['--out', out, '--steps', '3', '--dropout', '0.1'])
     batches, real = [], common.random_batch
 
     def recorded(*args):
@@ -78,7 +80,7 @@ def _ddp_worker(rank, port, out):
     model, _ = ddpm.train(cfg)
     torch.save(torch.stack(batches), os.path.join(out, f'batches{rank}.pt'))
     torch.save(model.state_dict(), os.path.join(out, f'rank{rank}.pt'))
-    x = ddpm.sample_many(model.eval(), 5, (1, 28, 28), dataclasses.replace(cfg, sample_batch=2), rank, 2)
+    x = common.sample_many(partial(ddpm.draw, model.eval(), cfg, (1, 28, 28)), 5, 2, cfg.seed, 'cpu', rank, 2)
     if rank == 0:  # 3 batches of 2, 2, 1 images, sampled by ranks 0, 1, 0 and gathered back in order
         torch.save(x, os.path.join(out, 'samples.pt'))
     torch.distributed.barrier()  # as ddpm.main does: no rank tears down while another still works
@@ -93,14 +95,15 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path):
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     b0, b1 = (torch.load(tmp_path / f'batches{r}.pt', weights_only=True) for r in (0, 1))
     assert b0.shape == (3, 4, 1, 28, 28) and all(not torch.equal(a, b) for a, b in zip(b0, b1))  # each rank its own
-    init = ddpm.make_model(common.parse_config(ddpm.Config, ddpm.presets, TINY), 1, 28).state_dict()
+    cfg = common.parse_config(ddpm.Config, ddpm.PRESETS, ddpm.pick, TINY)
+    init = ddpm.make_model(cfg, 1, 28).state_dict()
     assert any(not torch.equal(r0[k], init[k]) for k in r0)  # it trained ...
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # ... and the ranks, fed different batches, agree exactly
-    model = ddpm.make_model(common.parse_config(ddpm.Config, ddpm.presets, TINY), 1, 28)
+    model = ddpm.make_model(cfg, 1, 28)
     model.load_state_dict(r0)
-    cfg = common.parse_config(ddpm.Config, ddpm.presets, TINY + ['--sample-batch', '2'])
-    assert torch.equal(torch.load(tmp_path / 'samples.pt'), ddpm.sample_many(model.eval(), 5, (1, 28, 28), cfg))
+    single = common.sample_many(partial(ddpm.draw, model.eval(), cfg, (1, 28, 28)), 5, 2, cfg.seed, 'cpu')
+    assert torch.equal(torch.load(tmp_path / 'samples.pt'), single)
 
 
 def test_class_conditional_training_and_guided_sampling(tmp_path):
@@ -110,12 +113,12 @@ def test_class_conditional_training_and_guided_sampling(tmp_path):
 
 
 def test_figures(tmp_path, capsys):
-    run(tmp_path, '--mode', 'schedules', '--T', '1000')
+    schedules.main(['--out', str(tmp_path), '--T', '1000'])
     text = capsys.readouterr().out
     assert 'linear   SNR(t) = 1 at t = ' in text
     rows = (tmp_path / 'schedules.csv').read_text().splitlines()
     assert len(rows) == 1001 and rows[0].startswith('t,beta_linear,alpha_bar_linear,snr_linear')
-    run(tmp_path, '--mode', 'forward', '--T', '1000')
+    forward.main(['--dataset', 'mnist', '--out', str(tmp_path), '--T', '1000'])
     lines = (tmp_path / 'forward.csv').read_text().splitlines()
     mse = [float(r.split(',')[2]) for r in lines[1:]]
     assert [int(r.split(',')[0]) for r in lines[1:]] == [0, 100, 250, 500, 750, 999]
@@ -144,3 +147,10 @@ def test_fid_during_training_is_logged(tmp_path, monkeypatch):
     run(tmp_path, '--steps', '2', '--fid-every', '2', '--fid-samples', '4')
     line = (tmp_path / 'log.txt').read_text().splitlines()[-1]
     assert line.startswith('step 2 | fid4 ') and float(line.split()[-1]) > 0
+
+
+def test_bench_prints_throughput_and_flops(capsys):
+    import bench
+    bench.main(['ddpm'] + TINY)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(line.split(' GFLOP/step')[0]) > 0 and float(line.split(' img/s')[0].split('| ')[-1]) > 0

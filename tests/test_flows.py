@@ -1,5 +1,5 @@
 """flows.py: exact inverses and log-determinants, bits/dim by hand, the moons density, train/resume/sample, errors."""
-import contextlib, math, os, socket
+import math, os, signal, socket
 
 import numpy as np
 import pytest
@@ -9,6 +9,7 @@ from PIL import Image
 
 from helpers import sigterm_run
 import flows
+from exercises import moons
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset', 'mnist', '--device', 'cpu', '--ch', '8', '--blocks', '1', '--scales', '2', '--batch-size', '8',
@@ -20,7 +21,7 @@ def run(tmp_path, *args):
 
 
 def config(*args):
-    return flows.common.parse_config(flows.Config, flows.presets, TINY + list(args))
+    return flows.common.parse_config(flows.Config, flows.PRESETS, flows.pick, TINY + list(args))
 
 
 def randomised(flow, std=0.3):
@@ -49,9 +50,9 @@ def test_inverse_of_forward_is_identity_for_every_layer_and_the_flow():
     zs, _ = flow(x)
     assert sum(z[0].numel() for z in zs) == 16
     torch.testing.assert_close(flow.inverse(zs), x, atol=1e-5, rtol=1e-5)
-    moons = randomised(flows.make_flow(config('--dataset', 'moons', '--ch', '16', '--blocks', '2'), (2,)))
+    moons_flow = randomised(moons.make_flow(moons.Config(ch=16, blocks=2)))
     x2 = torch.randn(100, 2)
-    torch.testing.assert_close(moons.inverse(moons(x2)[0]), x2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moons_flow.inverse(moons_flow(x2)[0]), x2, atol=1e-5, rtol=1e-5)
     pixels = torch.rand(5, 1, 4, 4) * 256  # the logit pre-processing, undone as sample() does
     y, _ = flows.logit_preprocess(pixels, 0.05)
     torch.testing.assert_close((torch.sigmoid(y) - 0.05) / 0.9 * 256, pixels, atol=1e-3, rtol=1e-5)
@@ -90,7 +91,7 @@ def test_identity_flow_reports_the_bits_per_dim_computed_by_hand():
     flow = flows.make_flow(cfg, (1, 28, 28))  # zero last layers and act-norm before its data init: f(y) = y
     x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
     x[0], x[1] = 0, 255  # an all-black and an all-white image
-    reported = flows.bits_per_dim(flow, x, cfg)
+    reported = flows.bits_per_dim(flow, x, cfg.alpha, cfg.sample_batch)
     # by hand, in float64, with the documented noise (one generator per batch of --sample-batch images)
     u = torch.cat([torch.rand(x[i:i + 3].shape, generator=torch.Generator().manual_seed(i)) for i in (0, 3)])
     p = a + (1 - 2 * a) * (x.double() + u.double()) / 256  # pixel value -> (alpha, 1 - alpha)
@@ -111,9 +112,8 @@ def test_logit_preprocess_keeps_fp32_accuracy_next_to_white_at_small_alpha():
 
 
 def test_moons_density_integrates_to_one(tmp_path):
-    flow, _ = flows.main(['--dataset', 'moons', '--device', 'cpu', '--ch', '32', '--steps', '200', '--log-every', '100',
-                          '--out', str(tmp_path)])
-    p, area = flows.density_grid(flow, (-4, 5, -4, 4), 400)
+    flow = moons.main(['--device', 'cpu', '--ch', '32', '--steps', '200', '--log-every', '100', '--out', str(tmp_path)])
+    p, area = moons.density_grid(flow, (-4, 5, -4, 4), 400)
     assert p.sum().item() * area == pytest.approx(1.0, abs=0.01)
     log = (tmp_path / 'log.txt').read_text()
     assert 'test nats' in log and 'mass off the moons' in log and (tmp_path / 'moons.png').exists()
@@ -121,11 +121,11 @@ def test_moons_density_integrates_to_one(tmp_path):
 
 def test_moons_distance_is_zero_on_the_arcs_and_large_in_the_gap():
     g = torch.Generator().manual_seed(0)
-    assert flows.moons_distance(flows.two_moons(1000, g, noise=0)).max() < 1e-5
-    assert (flows.moons_distance(flows.two_moons(20000, g)) > 0.25).float().mean() < 1e-3  # 5 sigma of the noise
+    assert moons.moons_distance(moons.two_moons(1000, g, noise=0)).max() < 1e-5
+    assert (moons.moons_distance(moons.two_moons(20000, g)) > 0.25).float().mean() < 1e-3  # 5 sigma of the noise
     # the middle of the gap; the upper arc's centre (nearest the lower arc); beside and below the upper arc's left end
     x = torch.tensor([[0.5, 0.25], [0.0, 0.0], [-1.5, 0.0], [-1.0, -0.5]])
-    torch.testing.assert_close(flows.moons_distance(x), torch.tensor([1 - 0.3125 ** 0.5, 1.25 ** 0.5 - 1, 0.5, 0.5]))
+    torch.testing.assert_close(moons.moons_distance(x), torch.tensor([1 - 0.3125 ** 0.5, 1.25 ** 0.5 - 1, 0.5, 0.5]))
 
 
 def test_train_then_sample_writes_grids_checkpoint_and_npz(tmp_path):
@@ -141,19 +141,17 @@ def test_train_then_sample_writes_grids_checkpoint_and_npz(tmp_path):
     assert x.shape == (5, 28, 28, 1) and x.dtype == np.uint8 and x.std() > 0
 
 
-class StopAfter3(flows.common.Stop):
-    """A Ctrl-C that arrives during step 3 (the loop asks `if stop` once per step)."""
-    asked = 0
-
-    def __bool__(self):
-        self.asked += 1
-        return self.asked >= 3
-
-
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
     _, loss_a = run(tmp_path / 'a', '--steps', '4')
+    nll, calls = flows.nll, []
+
+    def ctrl_c_in_step_3(*args):  # a real SIGINT while step 3 computes its loss: the step completes, then it stops
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return nll(*args)
     with monkeypatch.context() as m:  # run b is interrupted after step 3 of 4 (the lr schedule depends on --steps)
-        m.setattr(flows.common, 'stop_requested', lambda: contextlib.nullcontext(StopAfter3()))
+        m.setattr(flows, 'nll', ctrl_c_in_step_3)
         with pytest.raises(SystemExit, match='130'):
             run(tmp_path / 'b', '--steps', '4')
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3
@@ -163,7 +161,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     for name in a['model']:
         assert torch.equal(a['model'][name], b['model'][name]), name
     assert a['opt']['state'][0]['exp_avg_sq'].equal(b['opt']['state'][0]['exp_avg_sq'])
-    run(tmp_path / 'b', '--steps', '4', '--resume', '1')  # already there: evaluates again, no crash
+    run(tmp_path / 'b', '--steps', '4', '--resume', '1')  # already there: nothing to train, no crash
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -182,7 +180,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
 @pytest.mark.parametrize('args, message', [
     (['--alpha', '0.6'], r'--alpha 0.6 must be in \(0, 0.5\)'),
     (['--scales', '4'], 'cannot be squeezed 3 times'),
-    (['--mode', 'generate'], 'is not one of: train, sample, bench'),
+    (['--mode', 'generate'], 'is not one of: train, sample'),
     (['--dataset', 'imagenet'], "unknown dataset 'imagenet'"),
     (['--mode', 'sample'], 'no checkpoint at'),
     (['--batch-size', '0'], '--batch-size 0 must be > 0'),

@@ -12,10 +12,10 @@ from PIL import Image
 from helpers import sigterm_run
 import common
 import gan
+from exercises import curves, gan_inpaint, gan_study
 
 TINY = ['--dataset', 'mnist', '--device', 'cpu', '--ch', '8', '--z-dim', '8', '--batch-size', '8', '--log-every', '1',
         '--sample-every', '0', '--sample-batch', '16']
-CFG_BCE, CFG_WGAN = gan.Config(loss='bce'), gan.Config(loss='wgan-gp')
 
 
 def run(tmp_path, *args):
@@ -37,7 +37,7 @@ def test_gradient_penalty_is_zero_exactly_for_a_unit_gradient_critic():
     assert gan.gradient_penalty(linear_critic(0.5), x_real, x_fake).item() == pytest.approx(0.25, rel=1e-5)
     relu_critic = nn.Sequential(nn.Flatten(), nn.Linear(50, 8), nn.ReLU(), nn.Linear(8, 1))
     assert gan.gradient_penalty(relu_critic, x_real, x_fake).item() > 1e-3
-    loss, _, _ = gan.d_loss_fn(linear_critic(3.0), x_real, x_fake, CFG_WGAN)  # lambda = 10 enters D's loss
+    loss, _, _ = gan.d_loss_fn(linear_critic(3.0), x_real, x_fake, 'wgan-gp')  # lambda = 10 enters D's loss
     d = linear_critic(3.0)
     assert loss.item() == pytest.approx(d(x_fake).mean().item() - d(x_real).mean().item() + 40.0, rel=1e-5)
 
@@ -71,7 +71,7 @@ def test_trained_discriminator_approaches_the_optimal_one():
     D = lambda x: quadratic(torch.cat([x, x ** 2], 1))  # logit of D
     opt = torch.optim.Adam(quadratic.parameters(), lr=0.05)
     for _ in range(800):
-        loss, _, _ = gan.d_loss_fn(D, x_data, x_g, CFG_BCE)
+        loss, _, _ = gan.d_loss_fn(D, x_data, x_g, 'bce')
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -85,14 +85,14 @@ def test_trained_discriminator_approaches_the_optimal_one():
 def test_generator_loss_is_the_non_saturating_one():
     logits = torch.tensor([-3.0, 0.0, 2.0])
     expected = -torch.log(torch.sigmoid(logits)).mean()  # -log D(G(z)), Goodfellow et al. sec. 3
-    assert gan.g_loss_fn(logits, CFG_BCE).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert gan.g_loss_fn(logits, CFG_WGAN).item() == pytest.approx(-logits.mean().item())
+    assert gan.g_loss_fn(logits, 'bce').item() == pytest.approx(expected.item(), rel=1e-6)
+    assert gan.g_loss_fn(logits, 'wgan-gp').item() == pytest.approx(-logits.mean().item())
 
 
 def test_inpainting_keeps_known_pixels_and_never_shows_masked_ones():
     torch.manual_seed(0)
     x = torch.rand(6, 3, 8, 8) * 2 - 1
-    m = gan.random_masks(6, 8, 'cpu')
+    m = gan_inpaint.random_masks(6, 8, 'cpu')
     assert torch.equal(m.sum((1, 2, 3)), torch.full((6,), 16.0)) and len({tuple(r.flatten().tolist()) for r in m}) > 1
     seen = []
 
@@ -100,9 +100,9 @@ def test_inpainting_keeps_known_pixels_and_never_shows_masked_ones():
         seen.append(inp.clone())
         return torch.randn(len(inp), 4, 8, 8)  # C + 1 channels, as ddpm's U-Net on (image, mask) returns
 
-    out = gan.inpaint(g, x, m)
+    out = gan_inpaint.inpaint(g, x, m)
     x_other = torch.where(m.bool(), torch.rand_like(x) * 2 - 1, x)  # the same image with other masked pixels
-    gan.inpaint(g, x_other, m)
+    gan_inpaint.inpaint(g, x_other, m)
     assert torch.equal(seen[0], seen[1])  # g's input is blind to the masked pixels
     assert torch.equal(seen[0][:, 3:], m)  # ... and carries the mask
     assert torch.equal(out[m.expand_as(x) == 0], x[m.expand_as(x) == 0])  # known pixels pass through exactly
@@ -159,7 +159,6 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     (['--dataset', 'imagenet'], "unknown dataset 'imagenet'"),
     (['--beta1', '1.5'], '--beta1 1.5 must be in'),
     (['--n-critic', '0'], '--n-critic 0 must be > 0'),
-    (['--mode', 'inpaint', '--loss', 'wgan-gp'], 'inpainting needs'),
     (['--mode', 'sample'], 'no checkpoint at'),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
@@ -189,45 +188,47 @@ def test_fid_during_training_is_logged_and_plotted(tmp_path, fake_scorer):
     run(tmp_path, '--steps', '2', '--fid-every', '1', '--fid-samples', '10')
     assert fake_scorer == [('mnist:test', (10, 1, 28, 28), torch.uint8)] * 2  # the CPU preset's reference
     assert (tmp_path / 'log.txt').read_text().splitlines()[-1] == 'step 2 | fid10 42.0000'
-    gan.plot_logs({'run': tmp_path}, tmp_path / 'plot.png', 'test')
-    assert gan.read_log(tmp_path / 'log.txt')['FID'] == ([1, 2], [42.0, 42.0])
+    curves.plot_logs({'run': tmp_path}, tmp_path / 'plot.png')
+    assert curves.read_log(tmp_path / 'log.txt')['FID'] == ([1, 2], [42.0, 42.0])
 
 
 def test_inpaint_study_trains_both_and_writes_figure_and_metrics(tmp_path, fake_scorer):
-    run(tmp_path, '--mode', 'inpaint', '--steps', '2', '--fid-samples', '12')
+    gan_inpaint.main(TINY + ['--out', str(tmp_path), '--steps', '2', '--fid-samples', '12'])
+    with pytest.raises(SystemExit, match='inpainting needs'):
+        gan_inpaint.main(TINY + ['--out', str(tmp_path / 'w'), '--loss', 'wgan-gp'])
     rows = (tmp_path / 'inpaint.txt').read_text().splitlines()
     assert [r.split()[0] for r in rows] == ['mse', 'mse+adv'] and all('masked MSE' in r for r in rows)
     assert (tmp_path / 'inpaint_test.png').exists() and (tmp_path / 'inpaint.png').exists()
-    logs = gan.read_log(tmp_path / 'mse' / 'log.txt')
+    logs = curves.read_log(tmp_path / 'mse' / 'log.txt')
     assert logs['loss G'] == logs['mse'] and 'D(x)' in logs  # MSE alone: D is trained, but only watches
     assert torch.load(tmp_path / 'mse+adv' / 'ckpt.pt', weights_only=True)['config']['adv_weight'] > 0
 
 
-def _ddp_worker(rank, port, out):
+def _ddp_worker(rank, port, out, loss):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg = common.parse_config(gan.Config, gan.presets, TINY + ['--out', out, '--steps', '2', '--loss', 'wgan-gp'])
+    cfg = common.parse_config(gan.Config, gan.PRESETS, gan.pick, TINY + ['--out', out, '--steps', '2', '--loss', loss])
     G, D, _ = gan.train(cfg)
     torch.save({'G': G.state_dict(), 'D': D.state_dict()}, os.path.join(out, f'rank{rank}.pt'))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_keep_weights_identical(tmp_path):
+@pytest.mark.parametrize('loss', ['bce', 'wgan-gp'])  # bce: batch norm in G and D; wgan-gp: in G only
+def test_ddp_two_processes_keep_weights_identical(tmp_path, loss):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path), loss), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     for net in ('G', 'D'):
-        for k, v in r0[net].items():
-            if 'running' not in k and 'num_batches' not in k:  # batch-norm statistics are per rank
-                assert torch.equal(v, r1[net][k]), (net, k)
+        for k, v in r0[net].items():  # batch-norm statistics included: averaged over the ranks
+            assert torch.equal(v, r1[net][k]), (net, k)
 
 
 def test_versus_study_trains_both_losses_for_the_same_epochs(tmp_path, fake_scorer):
-    run(tmp_path, '--mode', 'versus', '--epochs', '0.002', '--fid-samples', '8')  # 120 real images for D in each run
+    gan_study.main(TINY + ['--out', str(tmp_path), '--study', 'versus', '--epochs', '0.002', '--fid-samples', '8'])  # 120 real images for D in each run
     rows = (tmp_path / 'versus.txt').read_text().splitlines()
     assert [r.split(' | ')[:2] for r in rows] == [['bce       ', 'steps 15'], ['wgan-gp   ', 'steps 3']]  # 120/8, 120/40
     cfg = torch.load(tmp_path / 'wgan-gp' / 'ckpt.pt', weights_only=True)['config']
@@ -236,7 +237,8 @@ def test_versus_study_trains_both_losses_for_the_same_epochs(tmp_path, fake_scor
 
 
 def test_bench_prints_throughput(tmp_path, capsys):
-    run(tmp_path, '--mode', 'bench', '--loss', 'wgan-gp')
+    import bench
+    bench.main(['gan'] + TINY + ['--out', str(tmp_path), '--loss', 'wgan-gp'])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert 'wgan-gp, n_critic 5, batch 8' in line and float(line.split(' img/s')[0].split('| ')[-1]) > 0
     assert not (tmp_path / 'ckpt.pt').exists()  # it trains in a temporary folder

@@ -10,8 +10,10 @@ from PIL import Image
 from helpers import sigterm_run
 import common
 import ddpm
+import ddim
 import ldm
 import vae
+from exercises import curves, ldm_schedules
 
 N_TRAIN = 256  # the stage-1 tests encode this many training images, not 60,000
 TINY = ['--dataset', 'mnist', '--device', 'cpu', '--ch', '8', '--attn-res', '4', '--T', '20', '--batch-size', '8',
@@ -49,13 +51,13 @@ def test_z0_and_eps_from_v_invert_the_v_definition():
         ab = torch.tensor(ab, dtype=torch.float64)
         a, s = math.sqrt(ab), math.sqrt(1 - ab)
         zt, v = a * z0 + s * eps, a * eps - s * z0  # eq. (4) and Salimans & Ho's v, written out here
-        z0_hat, eps_hat = ldm.z0_eps(zt, v, ab)
+        z0_hat = ddpm.predict_x0(zt, v, ab, 'v')  # the inverse rotation of the comment in ldm.py
+        eps_hat = ddpm.predict_eps(zt, z0_hat, ab)
         torch.testing.assert_close(z0_hat, z0, atol=1e-12, rtol=0)
         torch.testing.assert_close(eps_hat, eps, atol=1e-12, rtol=0)
 
 
 def test_ddim_step_with_the_true_v_retraces_the_forward_process():
-    cfg = ldm.Config(T=50, schedule='cosine', sampler='ddim')
     ab = ddpm.make_alpha_bar('cosine', 50)
     g = torch.Generator().manual_seed(1)
     z0, eps = torch.randn(2, 3, 4, 7, 7, generator=g)
@@ -67,7 +69,7 @@ def test_ddim_step_with_the_true_v_retraces_the_forward_process():
     ts = [0, 3, 10, 20, 35, 49]
     snaps = []
     zT = (ab[49].sqrt() * z0 + (1 - ab[49]).sqrt() * eps).float()
-    z = ldm.reverse(oracle, zT, ts, cfg, snapshots=snaps)
+    z = ddim.ddim_sample(oracle, zT, ts, ab, 0.0, 'v', 0, snapshots=snaps)  # ldm.py's DDIM in latent space
     for snap, t in zip(snaps, reversed(ts)):  # snapshot k holds z at ts[-1-k]
         torch.testing.assert_close(snap, (ab[t].sqrt() * z0 + (1 - ab[t]).sqrt() * eps).float(), atol=1e-4, rtol=0)
     torch.testing.assert_close(z, z0, atol=1e-4, rtol=0)
@@ -84,7 +86,8 @@ def test_scale_factor_makes_the_latents_unit_variance(stage1):
 
 def test_two_stages_write_checkpoints_grids_and_samples(stage1):
     run = stage1 / 'run'
-    assert (stage1 / 'vae' / 'ckpt.pt').exists() and (run / 'ckpt.pt').exists() and (run / 'loss.png').exists()
+    curves.main([str(run)])  # the denoiser's loss curve
+    assert (stage1 / 'vae' / 'ckpt.pt').exists() and (run / 'ckpt.pt').exists() and (run / 'curves.png').exists()
     assert Image.open(run / 'samples_0000003.png').size == (8 * 30 + 2, 8 * 30 + 2)  # 64 decoded 28x28 samples
     cache = list(common.cache_dir().glob('ldm-latents-mnist-*.pt'))
     assert len(cache) == 1
@@ -147,18 +150,20 @@ def test_bad_flags_get_one_clear_error(args, message):
 
 def test_cross_attention_shapes_and_gradients_reach_the_context():
     torch.manual_seed(0)
-    xa = ldm.CrossAttention(8, 16)
+    xa = ddpm.CrossAttention(8, 16)
     torch.nn.init.normal_(xa.proj.weight)  # zero at init (identity block): give the branch a non-zero output layer
-    h, xa.context = torch.randn(2, 8, 4, 4, requires_grad=True), torch.randn(2, 3, 16, requires_grad=True)
-    out = xa(h)
+    h, context = torch.randn(2, 8, 4, 4, requires_grad=True), torch.randn(2, 3, 16, requires_grad=True)
+    out = xa(h, context)
     assert out.shape == h.shape
     out.square().sum().backward()
-    assert xa.context.grad.shape == (2, 3, 16) and xa.context.grad.abs().min() > 0
+    assert context.grad.shape == (2, 3, 16) and context.grad.abs().min() > 0
 
     cfg = ldm.Config(ch=8, attn_res='4', cond='class')
     net = ldm.LatentUNet(cfg, (4, 7, 7))
-    assert len(net.xattn) == 6  # the 4x4 level: 2 blocks down, 3 up, and the middle block's attention
-    for m in net.xattn:
+    xattn = [m for m in net.modules() if isinstance(m, ddpm.CrossAttention)]
+    assert len(xattn) == 6  # the 4x4 level: 2 blocks down, 3 up, and the middle block's attention
+    for m in xattn:
+        assert not m.proj.weight.any() and not m.proj.bias.any()  # each added block starts as the identity
         torch.nn.init.normal_(m.proj.weight, std=0.1)
     torch.nn.init.normal_(net.unet.conv_out.weight, std=0.1)
     y = torch.tensor([7, 7, 10])
@@ -175,12 +180,13 @@ def test_class_conditional_run_samples_a_label_with_guidance(stage1, tmp_path):
     ldm.main(['--device', 'cpu', '--mode', 'sample', '--out', str(tmp_path), '--n-samples', '3', '--label', '7',
               '--guidance', '3', '--save', 'npz', '--sample-steps', '3'])
     assert np.load(tmp_path / 'samples.npz')['arr_0'].shape == (3, 28, 28, 1)
-    for mode in ('reimagine', 'schedules'):  # the exercise figures run on a class-conditional model too
-        ldm.main(['--device', 'cpu', '--mode', mode, '--out', str(tmp_path), '--sample-steps', '3'])
+    ldm.main(['--device', 'cpu', '--mode', 'reimagine', '--out', str(tmp_path), '--sample-steps', '3'])
+    ldm_schedules.main(['--device', 'cpu', '--out', str(tmp_path)])  # the exercise figures: class-conditional too
+    import bench
+    bench.main(['ldm', '--device', 'cpu', '--out', str(tmp_path), '--sample-steps', '3', '--batch-size', '8',
+                '--sample-batch', '4'])
     assert Image.open(tmp_path / 'reimagine.png').size == (7 * 30 + 2, 16 * 30 + 2)  # 4 images x 4 levels, 7 columns
     assert Image.open(tmp_path / 'schedules_T10.png').size == (11 * 30 + 2, 2 * 30 + 2)
-    ldm.main(['--device', 'cpu', '--mode', 'bench', '--out', str(tmp_path), '--sample-steps', '3', '--batch-size', '8',
-              '--sample-batch', '4'])
 
 
 def test_fid_during_training_scores_decoded_uint8_samples(stage1, tmp_path, monkeypatch):

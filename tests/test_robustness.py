@@ -12,6 +12,7 @@ import common
 import ddim
 import ddpm
 import eval_fid
+from exercises import ddim_steps, ho_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset', 'mnist', '--device', 'cpu', '--ch', '8', '--ch-mult', '1,2', '--num-res-blocks', '1',
@@ -26,11 +27,11 @@ def run(out, *args):
 def test_fid_samples_come_from_the_ema_in_eval_mode(tmp_path, monkeypatch):
     """Dropout must be off whenever the EMA samples: before the first grid, and on every rank."""
     modes = []
-    monkeypatch.setattr(ddpm, 'fid_scorer', lambda cfg, x, device: lambda x: 1.0)
-    real = ddpm.sample_many
-    monkeypatch.setattr(ddpm, 'sample_many', lambda model, *a, **k: modes.append(model.training) or real(model, *a, **k))
+    monkeypatch.setattr(eval_fid, 'run_scorer', lambda ref, dataset, x, device: lambda x: 1.0)
+    real = ddpm.draw
+    monkeypatch.setattr(ddpm, 'draw', lambda model, *a, **k: modes.append(model.training) or real(model, *a, **k))
     run(tmp_path, '--steps', '4', '--fid-every', '2', '--fid-samples', '2', '--dropout', '0.5')
-    assert modes == [False, False]
+    assert modes == [False, False, False]  # FID samples at steps 2 and 4, and the final grid
 
 
 def test_resume_of_a_finished_run_says_so(tmp_path, capsys):
@@ -108,8 +109,8 @@ def test_ddim_inversion_is_decoded_unclipped(tmp_path, monkeypatch):
     run(tmp_path, '--steps', '1')
     clips = []
     real = ddim.ddim_sample
-    monkeypatch.setattr(ddim, 'ddim_sample', lambda model, x, ts, ab, eta, cfg, *a, **k:
-                        clips.append(cfg.clip) or real(model, x, ts, ab, eta, cfg, *a, **k))
+    monkeypatch.setattr(ddim, 'ddim_sample', lambda model, x, ts, ab, eta, objective, clip, *a, **k:
+                        clips.append(clip) or real(model, x, ts, ab, eta, objective, clip, *a, **k))
     ddim.main(['--out', str(tmp_path), '--device', 'cpu', '--mode', 'invert', '--steps', '4', '--n-samples', '1'])
     assert clips == [False]
 
@@ -190,13 +191,15 @@ def test_bad_sampling_flags(tmp_path, monkeypatch):
     base = ['--out', str(tmp_path), '--device', 'cpu', '--steps', '4']
     for args, message in [(['--label', '15'], 'a class 0..9'), (['--n-samples', '0'], '--n-samples 0 must be > 0'),
                           (['--sample-batch', '0'], '--sample-batch 0 must be > 0'),
-                          (['--mode', 'sweep', '--grid-steps', '10,abc'], 'comma-separated integers'),
                           (['--eta', '100'], r'must be in \[0, 1\]'), (['--label', '3'], 'is unconditional'),
                           (['--guidance', '3'], 'is unconditional'),
-                          (['--mode', 'inpaint', '--sampler', 'dpm++2m'], 'use --sampler ddim or ddpm'),
-                          (['--mode', 'fid', '--fid-ref', 'nosuch:train'], 'FID reference nosuch:train')]:
+                          (['--mode', 'inpaint', '--sampler', 'dpm++2m'], 'use --sampler ddim or ddpm')]:
         with pytest.raises(SystemExit, match=message):
             ddim.main(base + args)
+    for args, message in [(['--grid-steps', '10,abc'], 'comma-separated integers'),
+                          (['--grid-steps', '2', '--fid-samples', '2', '--fid-ref', 'nosuch:train'], 'FID reference nosuch:train')]:
+        with pytest.raises(SystemExit, match=message):
+            ddim_steps.main(['--out', str(tmp_path), '--device', 'cpu'] + args)
     with pytest.raises(SystemExit, match='is unconditional'):
         run(tmp_path, '--mode', 'sample', '--label', '3')
 
@@ -211,7 +214,7 @@ def test_malicious_init_from_is_refused_with_the_reason(tmp_path):
             return (os.system, ('echo pwned',))
     torch.save({'w': Evil()}, tmp_path / 'diffusion_pytorch_model.bin')
     with pytest.raises(SystemExit, match='not a plain weights file .*Unpickl'):
-        ddim.main(['--init-from', str(tmp_path), '--device', 'cpu'])
+        ho_weights.main([str(tmp_path), '--out', str(tmp_path / 'run')])
 
 
 def test_bad_eval_fid_flags(tmp_path):
@@ -221,10 +224,11 @@ def test_bad_eval_fid_flags(tmp_path):
         eval_fid.main(['mnist:test', '--save-stats', str(tmp_path / 'missing' / 's.npz')])
 
 
-def test_resume_with_another_model_names_the_flag_to_pass():
+def test_resume_with_another_model_names_the_flag_to_pass(tmp_path):
     # every script's --resume check: the message names each changed key and the flag, as typed, that restores it
-    cfg = ddpm.Config(num_res_blocks=3)
-    ckpt = dict(config=dict(num_res_blocks=2, ch=cfg.ch))
+    cfg = ddpm.Config(num_res_blocks=3, resume=True)
+    torch.save(dict(script='ddpm', config=dict(num_res_blocks=2, ch=cfg.ch)), tmp_path / 'ckpt.pt')
     with pytest.raises(SystemExit, match=r'different num_res_blocks; .* --num-res-blocks 2$'):
-        common.check_resume(ckpt, cfg, ('num_res_blocks', 'ch'))
-    common.check_resume(dict(config=dict(num_res_blocks=3, ch=cfg.ch)), cfg, ('num_res_blocks', 'ch'))  # same: no error
+        common.resume(tmp_path, 'ddpm', cfg, ('num_res_blocks', 'ch'))
+    torch.save(dict(script='ddpm', config=dict(num_res_blocks=3, ch=cfg.ch)), tmp_path / 'ckpt.pt')
+    common.resume(tmp_path, 'ddpm', cfg, ('num_res_blocks', 'ch'))  # the same model: no error

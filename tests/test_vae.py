@@ -7,6 +7,7 @@ import torch.nn as nn
 from PIL import Image
 
 import vae
+from exercises import curves, vae_sweep
 
 TINY = ['--device', 'cpu', '--dataset', 'mnist', '--arch', 'conv', '--ch', '4', '--hidden', '16', '--latent', '3',
         '--batch-size', '8', '--log-every', '1', '--eval-n', '12', '--eval-k', '4']
@@ -87,7 +88,8 @@ def test_gradients_reach_encoder_and_decoder_through_the_reparameterisation():
 
 def test_train_then_sample_writes_grid_checkpoint_and_npz(tmp_path):
     model, m = run(tmp_path, '--steps', '3')
-    for f in ('ckpt.pt', 'config.json', 'log.txt', 'prior.png', 'recon.png', 'loss.png', 'eval.json'):
+    curves.main([str(tmp_path)])  # the loss curve, reconstruction and KL apart
+    for f in ('ckpt.pt', 'config.json', 'log.txt', 'prior.png', 'recon.png', 'curves.png', 'eval.json'):
         assert (tmp_path / f).exists(), f
     assert Image.open(tmp_path / 'prior.png').size == (10 * 30 + 2, 10 * 30 + 2)  # 10x10 grid of 28x28
     assert m['unit'] == 'nats' and m['k'] == 4 and m['n'] == 12 and m['nelbo'] >= m['iwae'] > 0
@@ -128,7 +130,7 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def test_sweep_writes_table_and_figures(tmp_path):
-    run(tmp_path, '--mode', 'sweep', '--sweep', 'beta', '--values', '0.5,4', '--steps', '2')
+    vae_sweep.main(TINY + ['--out', str(tmp_path), '--sweep', 'beta', '--values', '0.5,4', '--steps', '2'])
     rows = (tmp_path / 'sweep.csv').read_text().splitlines()
     assert rows[0].startswith('beta,recon,kl,nelbo,iwae,mse,psnr') and len(rows) == 3
     assert (tmp_path / 'sweep.png').exists() and (tmp_path / 'sweep_grids.png').exists()
@@ -182,7 +184,7 @@ def _ddp_worker(rank, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    model, _ = vae.train(vae.common.parse_config(vae.Config, vae.presets, TINY + ['--out', out, '--steps', '3']))
+    model, _ = vae.train(vae.common.parse_config(vae.Config, vae.PRESETS, vae.pick, TINY + ['--out', out, '--steps', '3']))
     torch.save(model.state_dict(), f'{out}/rank{rank}.pt')
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -196,7 +198,7 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
-    init = vae.VAE(vae.common.parse_config(vae.Config, vae.presets, TINY), 1, 28).state_dict()
+    init = vae.VAE(vae.common.parse_config(vae.Config, vae.PRESETS, vae.pick, TINY), 1, 28).state_dict()
     assert any(not torch.equal(r0[k], init[k]) for k in r0)  # it trained ...
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # ... and the ranks, fed different batches, agree exactly
