@@ -53,7 +53,7 @@ def measure(what, model, step, batch, device, steps=50, bf16=False):
 
 def ddpm_bench(argv):
     import ddpm
-    cfg = common.parse_config(ddpm.Config, ddpm.PRESETS, ddpm.pick, argv)
+    cfg = common.parse_config(ddpm.Config, ddpm.PRESETS, None, argv)
     device = common.setup(cfg.device)[0]
     cuda, (C, H, _) = 'cuda' in device, common.image_shape(cfg)
     model = ddpm.make_model(cfg, C, H).to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
@@ -107,7 +107,7 @@ def gan_bench(argv):
 
 def flows_bench(argv):
     import flows
-    cfg = common.parse_config(flows.Config, flows.PRESETS, flows.pick, argv)
+    cfg = common.parse_config(flows.Config, flows.PRESETS, None, argv)
     device, shape = common.setup(cfg.device)[0], common.image_shape(cfg)
     flow = flows.make_flow(cfg, shape).to(device)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
@@ -125,7 +125,7 @@ def flows_bench(argv):
 def ldm_bench(argv):
     """A trained ldm.py run's U-Net: a training step on random latents, and ms per decoded sample (--sample-steps)."""
     import ldm, ddpm
-    cfg = common.parse_config(ldm.Config, ldm.PRESETS, ldm.pick, argv)
+    cfg = common.parse_config(ldm.Config, ldm.PRESETS, None, argv)
     model, ae, scale, zshape, cfg = ldm.load(cfg)
     device = str(next(model.parameters()).device)
     model.train().requires_grad_(True)

@@ -2,7 +2,7 @@
 checkpoints and samples. No paper maths lives here (that belongs in the concept scripts); every function is plumbing
 that ddpm.py, vae.py, gan.py, ... would otherwise each write again.
 """
-import argparse, dataclasses, gzip, hashlib, inspect, math, os, pickle, re, signal, sys, tarfile, tempfile, time
+import argparse, dataclasses, gzip, hashlib, inspect, json, math, os, pickle, re, signal, sys, tarfile, tempfile, time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 def parse_config(cls, presets=None, pick=None, argv=None):
     """cls from the command line. presets {name: {field: value}} are named settings applied below the flags given:
-    --preset NAME chooses one, else pick(values) names it; the preset and every value it set are printed."""
+    --preset NAME, else pick(values) (default: mnist for 28x28 data, else cifar10), plus -cpu on a CPU where there is
+    one. The preset and every value it set are printed."""
     helps = dict(re.findall(r'^\s+(\w+)\s*:[^#\n]*#\s*(.*)$', inspect.getsource(cls), re.M))
     epilog = presets and 'presets (--preset NAME; applied below the flags given):\n' + '\n'.join(
         f'  {k:14s} {" ".join(f"--{f} {v}" for f, v in p.items()) or "(the defaults)"}' for k, p in presets.items())
@@ -33,17 +34,25 @@ def parse_config(cls, presets=None, pick=None, argv=None):
     given = vars(p.parse_args(argv))
     values = {f.name: f.default for f in dataclasses.fields(cls)}
     if presets:
-        name = given.get('preset') or pick(dict(values, **given))
-        if name not in presets:
-            fail(f'--preset {name!r} is not one of: {", ".join(presets)}')
-        chosen = {k: v for k, v in presets[name].items() if k not in given}
-        values.update(chosen, preset=name)
         v = dict(values, **given)
-        how = '--preset' if 'preset' in given else f'picked for --dataset {v["dataset"]} on ' \
-            f'{resolve_device(v["device"])}; --preset NAME for another, see --help'
-        print0(f'preset {name} ({how}): ' + (' '.join(f'--{k.replace("_", "-")} {x}' for k, x in chosen.items())
-                                              or 'the defaults'))
+        base = (pick or (lambda v: 'mnist' if v['dataset'] in ('mnist', 'fashion-mnist') else 'cifar10'))(v)
+        cpu = resolve_device(v['device']) == 'cpu' and f'{base}-cpu' in presets
+        if (name := given.get('preset') or base + '-cpu' * cpu) not in presets:
+            fail(f'--preset {name!r} is not one of: {", ".join(presets)}')
+        chosen = {k: x for k, x in presets[name].items() if k not in given}
+        values.update(chosen, preset=name)
+        how = '--preset' if 'preset' in given else f'picked for --dataset {v["dataset"]}' + ' on a CPU' * cpu
+        print0(f'preset {name} ({how}; --help lists the others): ' +
+               (' '.join(f'--{k.replace("_", "-")} {x}' for k, x in chosen.items()) or 'the defaults'))
     return cls(**dict(values, **given))
+
+
+def ints(cfg, name):
+    """The comma-separated integers of a string flag (e.g. --ch-mult 1,2,2), or one clear error."""
+    try:
+        return [int(s) for s in getattr(cfg, name).split(',') if s]
+    except ValueError:
+        fail(f'--{name.replace("_", "-")} {getattr(cfg, name)!r} must be comma-separated integers, e.g. 1,2,2')
 
 
 def _parse_bool(s):
@@ -135,7 +144,8 @@ class Loop:
     torchrun the ranks agree on stopping at log steps. --time-budget counts training seconds only (loop.clock)."""
 
     def __init__(self, cfg, out, save, start=0, steps=None, clock=0.0, check=None, **every):
-        self.out, self.save, self.start, self.done, self.saved, self.clock = Path(out), save, start, start, start, clock
+        self.cfg, self.out, self.save, self.start, self.done, self.saved = cfg, Path(out), save, start, start, start
+        self.clock = clock
         self.steps, self.seed, self.batch, self.log_every = steps or cfg.steps, cfg.seed, cfg.batch_size, cfg.log_every
         self.budget, self.every = getattr(cfg, 'time_budget', 0), dict(every, ckpt=cfg.ckpt_every)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -144,6 +154,8 @@ class Loop:
 
     def __enter__(self):
         self.old = {s: signal.signal(s, self._signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.rank == 0:
+            (self.out / 'config.json').write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
         self.file = open(self.out / 'log.txt', 'a') if self.rank == 0 else None
         self.bar = tqdm(total=None if self.budget else self.steps, initial=self.start, disable=self.rank != 0)
         return self
@@ -180,9 +192,7 @@ class Loop:
         for step in range(self.start, self.steps):
             torch.manual_seed((self.seed * 1000 + self.rank) * 10 ** 9 + step)  # batch, noise, dropout of this step
             self.urgent, self.tick = False, self.tick or time.perf_counter()  # the training clock runs again
-            yield step
-            if self.done != step + 1:
-                raise RuntimeError('call loop.log() once per training step')
+            yield step  # the step's body calls log() once
             if self.final:
                 return
 

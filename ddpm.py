@@ -10,7 +10,7 @@ Measured (README "Results"): the CPU quick start trains a 1.06M-parameter U-Net 
 recognisable digits in 8 minutes on 2 CPU cores. The Config defaults are the paper's CIFAR-10 model and recipe;
 the named presets at the end of --help shrink it for 28x28 data and for a CPU, and the start-up line says which.
 """
-import copy, dataclasses, json, math
+import copy, dataclasses, math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -81,11 +81,6 @@ CPU = dict(ch=32, ch_mult='1,2,2', num_res_blocks=1, attn_res='', dropout=0.0, b
 PRESETS = {'cifar10': {}, 'mnist': dict(ch=64, ch_mult='1,2,2', attn_res='14', ema=0.999, flip=False, steps=20000,
                                         warmup=1000)}  # cifar10: Ho et al.'s; mnist: 28x28 data, 6.5M params
 PRESETS.update({f'{k}-cpu': dict(p, **CPU) for k, p in list(PRESETS.items())})
-
-
-def pick(v):  # the preset when --preset is not given: by the data's size, -cpu on a CPU
-    size = 'mnist' if v['dataset'] in ('mnist', 'fashion-mnist') else 'cifar10'
-    return size + '-cpu' * (common.resolve_device(v['device']) == 'cpu')
 
 
 MODEL_KEYS = ('dataset', 'image_size', 'ch', 'ch_mult', 'num_res_blocks', 'attn_res', 'class_cond', 'T', 'schedule',
@@ -296,10 +291,8 @@ class UNet(nn.Module):
 
 
 def make_model(cfg, in_ch, resolution, context_dim=0):
-    ch_mult = tuple(int(m) for m in cfg.ch_mult.split(','))
-    attn_res = tuple(int(r) for r in cfg.attn_res.split(',') if r)
-    return UNet(in_ch, cfg.ch, ch_mult, cfg.num_res_blocks, attn_res, cfg.dropout, resolution,
-                NUM_CLASSES if getattr(cfg, 'class_cond', False) else 0, context_dim)
+    return UNet(in_ch, cfg.ch, common.ints(cfg, 'ch_mult'), cfg.num_res_blocks, common.ints(cfg, 'attn_res'),
+                cfg.dropout, resolution, NUM_CLASSES if getattr(cfg, 'class_cond', False) else 0, context_dim)
 
 
 def load_model(path):
@@ -390,15 +383,10 @@ def check(cfg, world=1):
                            'n_samples', 'sample_batch', 'image_size', 'lr'),
                  nonnegative=('time_budget', 'sample_every', 'fid_every', 'weight_decay', 'grad_clip', 'guidance'),
                  unit=('dropout', 'p_uncond', 'ema'))
-    try:
-        levels = [int(m) for m in cfg.ch_mult.split(',')]
-        [int(r) for r in cfg.attn_res.split(',') if r]
-    except ValueError:
-        common.fail(f'--ch-mult {cfg.ch_mult!r} / --attn-res {cfg.attn_res!r} must be comma-separated integers, '
-                    f'e.g. 1,2,2,2')
-    size = common.image_shape(cfg)[1]
-    if size % 2 ** (len(levels) - 1):
-        common.fail(f'{size}x{size} images cannot be halved {len(levels) - 1} times: shorten --ch-mult')
+    common.ints(cfg, 'attn_res')  # one clear error if it is not a list of integers
+    levels, size = len(common.ints(cfg, 'ch_mult')), common.image_shape(cfg)[1]
+    if size % 2 ** (levels - 1):
+        common.fail(f'{size}x{size} images cannot be halved {levels - 1} times: shorten --ch-mult')
     if cfg.batch_size % world:
         common.fail(f'--batch-size {cfg.batch_size} must be divisible by the {world} processes')
     if cfg.class_cond and cfg.dataset not in common.DATASETS:
@@ -434,8 +422,6 @@ def train(cfg):
     common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | U-Net '
                   f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | steps '
                   f'{ckpt["step"] if ckpt else 0} -> {cfg.steps}')
-    if rank == 0:
-        (out / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     ab = make_alpha_bar(cfg.schedule, cfg.T).float().to(device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
     net = torch.compile(model) if cfg.compile and cuda else model
@@ -503,7 +489,7 @@ def sample_from_checkpoint(cfg):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, PRESETS, pick, argv)
+    cfg = common.parse_config(Config, PRESETS, argv=argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/ddpm-{Path(cfg.dataset).name}')
     check(cfg)
     with common.script_guard():

@@ -12,7 +12,7 @@ Measured (2 CPU cores, x86-64 VM, torch 2.13.0+cpu): MNIST, preset mnist-cpu, 40
 the dequantised pixels x = k + u in [0, 256)^D, u ~ U[0, 1)^D, one noise draw per test image (see bits_per_dim).
 Act-norm (Glow) stands in for the paper's batch norm: it is exact under --resume and its log-det is a closed form.
 """
-import dataclasses, json, math
+import dataclasses, math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -65,11 +65,6 @@ PRESETS = {'mnist': dict(alpha=1e-6),  # MNIST's saturated pixels want a small a
            'cifar10': dict(flip=True)}  # and image folders
 PRESETS.update({f'{k}-cpu': dict(p, ch=32, blocks=2, steps=4000, lr=2e-3, warmup=200, ckpt_every=1000, sample_every=0,
                                  compile=False) for k, p in list(PRESETS.items())})
-
-
-def pick(v):  # the preset when --preset is not given: by the data, -cpu on a CPU
-    name = 'mnist' if v['dataset'] in ('mnist', 'fashion-mnist') else 'cifar10'
-    return name + '-cpu' * (common.resolve_device(v['device']) == 'cpu')
 
 
 MODEL_KEYS = ('dataset', 'image_size', 'ch', 'blocks', 'scales', 'alpha')
@@ -321,8 +316,6 @@ def train(cfg):
     common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | flow '
                   f'{sum(p.numel() for p in flow.parameters()) / 1e6:.2f}M parameters | steps '
                   f'{ckpt["step"] if ckpt else 0} -> {cfg.steps}')
-    if rank == 0:
-        (out / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     net = torch.compile(flow) if cfg.compile and cuda else flow
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
@@ -382,7 +375,7 @@ def sample_from_checkpoint(cfg):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, PRESETS, pick, argv)
+    cfg = common.parse_config(Config, PRESETS, argv=argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/flows-{Path(cfg.dataset).name}')
     check(cfg)
     with common.script_guard():

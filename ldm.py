@@ -14,7 +14,7 @@ class-label context tokens.
 Measured on 2 CPU cores (torch 2.13.0+cpu): both stages in one command in 7-8 minutes (preset cpu; stage 1, the
 autoencoder with its evaluation and the encoding, ~3.5 min; stage 2, 4,000 steps, ~4.5 min); recognisable digits.
 """
-import copy, dataclasses, hashlib, json, time
+import copy, dataclasses, hashlib, time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -80,12 +80,9 @@ class Config:
     save: str = 'png,npz'  # --mode sample: png (a folder of PNGs) and/or npz (uint8 (N, H, W, C))
 
 
-PRESETS = {'full': {}, 'cpu': dict(ch=32, num_res_blocks=1, dropout=0.0, steps=4000, lr=1e-3, warmup=200, ema=0.995,
-                                   log_every=50, sample_every=0, ckpt_every=1000, fid_samples=1000)}
-
-
-def pick(v):  # the preset when --preset is not given: cpu on a CPU
-    return 'cpu' if common.resolve_device(v['device']) == 'cpu' else 'full'
+CPU = dict(ch=32, num_res_blocks=1, dropout=0.0, steps=4000, lr=1e-3, warmup=200, ema=0.995, log_every=50,
+           sample_every=0, ckpt_every=1000, fid_samples=1000)
+PRESETS = {'mnist': {}, 'cifar10': {}, 'mnist-cpu': CPU, 'cifar10-cpu': CPU}  # the defaults for any data; on a CPU
 
 
 MODEL_KEYS = ('dataset', 'cond', 'ch', 'ch_mult', 'num_res_blocks', 'attn_res', 'T', 'schedule', 'objective')
@@ -202,10 +199,7 @@ def check(cfg, world=1, model_known=True):  # model_known: T and cond are this r
                            'sample_steps', 'n_samples', 'sample_batch'),
                  nonnegative=('grad_clip', 'sample_every', 'fid_every', 'clip_limit', 'guidance'),
                  unit=('p_uncond', 'dropout', 'ema'))
-    try:
-        mult, attn = [int(m) for m in cfg.ch_mult.split(',')], [int(r) for r in cfg.attn_res.split(',') if r]
-    except ValueError:
-        common.fail(f'--ch-mult {cfg.ch_mult!r} / --attn-res {cfg.attn_res!r} must be comma-separated integers')
+    mult, attn = common.ints(cfg, 'ch_mult'), common.ints(cfg, 'attn_res')
     if min(mult) < 1 or cfg.T < 2 or cfg.ch % 4:
         common.fail(f'--ch-mult {cfg.ch_mult} needs multipliers >= 1, --T {cfg.T} >= 2, --ch {cfg.ch} a multiple of 4')
     size = common.DATASETS[cfg.dataset]['size'] // 4  # the f = 4 latents, padded as LatentUNet pads them
@@ -249,8 +243,6 @@ def train(cfg):
     common.print0(f'stage 1: {stage1:.0f} s | latents {tuple(z.shape)} of {vae_path} | scale factor 1/std = {scale:.5f}'
                   f'\nstage 2: U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M on {device} x{world} | '
                   f'steps {ckpt["step"] if ckpt else 0} -> {cfg.steps}')
-    if rank == 0:
-        (out / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     ab = ddpm.make_alpha_bar(cfg.schedule, cfg.T).float().to(device)
     net = nn.parallel.DistributedDataParallel(model, [device] if 'cuda' in device else None) if world > 1 else model
     amp = torch.autocast('cuda', torch.bfloat16) if cfg.bf16 and 'cuda' in device else nullcontext()
@@ -362,7 +354,7 @@ def reimagine(cfg):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, PRESETS, pick, argv)
+    cfg = common.parse_config(Config, PRESETS, argv=argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/ldm-{cfg.dataset}')
     check(cfg, model_known=cfg.mode == 'train')
     with common.script_guard():

@@ -70,9 +70,9 @@ PRESETS = {'mnist': {}, 'mnist-cpu': MLP_CPU,  # Kingma & Welling's MLP 784-400-
            'ae': AE, 'ae-cpu': dict(AE, ch=16, steps=1500)}  # ae-cpu: 190k images, 3 epochs of MNIST
 
 
-def pick(v):  # the preset when --preset is not given: the autoencoder, else by the data; -cpu on a CPU if there is one
-    name = 'ae' if v['arch'] == 'ae' else v['dataset'] if v['dataset'] in ('mnist', 'fashion-mnist') else 'rgb'
-    return name + '-cpu' * (common.resolve_device(v['device']) == 'cpu' and name + '-cpu' in PRESETS)
+def pick(v):  # the preset when --preset is not given: the autoencoder, else by the data (and -cpu on a CPU)
+    return 'ae' if v['arch'] == 'ae' else v['dataset'] if v['dataset'] in ('mnist', 'fashion-mnist') else 'rgb'
+
 
 
 MODEL_KEYS = ('dataset', 'image_size', 'arch', 'likelihood', 'latent', 'hidden', 'depth', 'ch', 'f')
@@ -302,8 +302,6 @@ def train(cfg):
     common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | {cfg.arch} VAE, {cfg.likelihood}, '
                   f'{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters | steps '
                   f'{ckpt["step"] if ckpt else 0} -> {steps}')
-    if rank == 0:
-        (out / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     net = nn.parallel.DistributedDataParallel(model, [device] if 'cuda' in device else None) if world > 1 else model
     if cfg.fid_every and rank == 0:
         import eval_fid  # only runs that ask for FID pay for the Inception network

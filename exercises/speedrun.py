@@ -42,7 +42,7 @@ def train_for_budget(cfg):
     """ddpm.py with RECIPE + --train into --out: resumed if killed, skipped once the budget is spent. Returns (the
     training Config, steps, seconds of training)."""
     argv = shlex.split(RECIPE) + ['--out', cfg.out, '--device', cfg.device, '--seed', str(cfg.seed)]
-    tcfg = common.parse_config(ddpm.Config, ddpm.PRESETS, ddpm.pick, argv + shlex.split(cfg.train))
+    tcfg = common.parse_config(ddpm.Config, ddpm.PRESETS, None, argv + shlex.split(cfg.train))
     path = Path(tcfg.out) / 'ckpt.pt'
     ckpt = common.load_ckpt(path, 'ddpm') if path.exists() else None
     if ckpt is not None:  # never score (or continue) a run trained with other settings under this variant's name

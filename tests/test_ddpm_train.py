@@ -69,7 +69,7 @@ def _ddp_worker(rank, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg = common.parse_config(ddpm.Config, ddpm.PRESETS, ddpm.pick, TINY + ['--out', out, '--steps', '3', '--dropout', '0.1'])
+    cfg = common.parse_config(ddpm.Config, ddpm.PRESETS, None, TINY + ['--out', out, '--steps', '3', '--dropout', '0.1'])
     batches, real = [], common.random_batch
 
     def recorded(*args):
@@ -95,7 +95,7 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path):
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     b0, b1 = (torch.load(tmp_path / f'batches{r}.pt', weights_only=True) for r in (0, 1))
     assert b0.shape == (3, 4, 1, 28, 28) and all(not torch.equal(a, b) for a, b in zip(b0, b1))  # each rank its own
-    cfg = common.parse_config(ddpm.Config, ddpm.PRESETS, ddpm.pick, TINY)
+    cfg = common.parse_config(ddpm.Config, ddpm.PRESETS, None, TINY)
     init = ddpm.make_model(cfg, 1, 28).state_dict()
     assert any(not torch.equal(r0[k], init[k]) for k in r0)  # it trained ...
     for k in r0:

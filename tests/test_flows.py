@@ -21,7 +21,7 @@ def run(tmp_path, *args):
 
 
 def config(*args):
-    return flows.common.parse_config(flows.Config, flows.PRESETS, flows.pick, TINY + list(args))
+    return flows.common.parse_config(flows.Config, flows.PRESETS, None, TINY + list(args))
 
 
 def randomised(flow, std=0.3):
