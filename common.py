@@ -1,6 +1,5 @@
-"""Infrastructure shared by the scripts: config/CLI and presets, device and DDP, the training-loop driver, datasets,
-checkpoints and samples. No paper maths lives here (that belongs in the concept scripts); every function is plumbing
-that ddpm.py, vae.py, gan.py, ... would otherwise each write again.
+"""Infrastructure shared by the scripts: config and presets, device and DDP, the training-loop driver, datasets,
+checkpoints and samples. No paper maths lives here: every function is plumbing each script would otherwise repeat.
 """
 import argparse, dataclasses, gzip, hashlib, inspect, json, math, os, pickle, re, signal, sys, tarfile, tempfile, time
 import urllib.request
@@ -18,9 +17,8 @@ from tqdm import tqdm
 
 
 def parse_config(cls, presets=None, pick=None, argv=None):
-    """cls from the command line. presets {name: {field: value}} are named settings applied below the flags given:
-    --preset NAME, else pick(values) (default: mnist for 28x28 data, else cifar10), plus -cpu on a CPU where there is
-    one. The preset and every value it set are printed."""
+    """cls from the command line. presets {name: {field: value}} apply below the flags given: --preset NAME, else
+    pick(values) (default: mnist for 28x28 data, else cifar10) plus -cpu on a CPU if there is one; printed."""
     helps = dict(re.findall(r'^\s+(\w+)\s*:[^#\n]*#\s*(.*)$', inspect.getsource(cls), re.M))
     epilog = presets and 'presets (--preset NAME; applied below the flags given):\n' + '\n'.join(
         f'  {k:14s} {" ".join(f"--{f} {v}" for f, v in p.items()) or "(the defaults)"}' for k, p in presets.items())
@@ -47,14 +45,6 @@ def parse_config(cls, presets=None, pick=None, argv=None):
     return cls(**dict(values, **given))
 
 
-def ints(cfg, name):
-    """The comma-separated integers of a string flag (e.g. --ch-mult 1,2,2), or one clear error."""
-    try:
-        return [int(s) for s in getattr(cfg, name).split(',') if s]
-    except ValueError:
-        fail(f'--{name.replace("_", "-")} {getattr(cfg, name)!r} must be comma-separated integers, e.g. 1,2,2')
-
-
 def _parse_bool(s):
     if s.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
         raise argparse.ArgumentTypeError(f'expected 1/0 (or true/false), got {s!r}')
@@ -67,10 +57,9 @@ def fail(msg):
 
 
 def check(cfg, choices=None, positive=(), nonnegative=(), unit=()):
-    """One clear error for a string flag outside its choices or a number out of range: positive (> 0), nonnegative
-    (>= 0), unit ([0, 1]); a --save flag must name png and/or npz."""
-    for k, allowed in dict(choices or {}, **dict(save=('png', 'npz', 'png,npz', 'npz,png')) if 'save' in vars(cfg)
-                           else {}).items():
+    """One clear error for a flag outside its choices (--save: png and/or npz) or range (> 0, >= 0, [0, 1])."""
+    choices = dict(choices or {}, **{'save': ('png', 'npz', 'png,npz', 'npz,png')} if 'save' in vars(cfg) else {})
+    for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             fail(f'--{k.replace("_", "-")} {getattr(cfg, k)!r} is not one of: {", ".join(allowed)}')
     for names, ok, want in ((positive, lambda v: v > 0, '> 0'), (nonnegative, lambda v: v >= 0, '>= 0'),
@@ -79,8 +68,16 @@ def check(cfg, choices=None, positive=(), nonnegative=(), unit=()):
             fail(f'--{bad.replace("_", "-")} {getattr(cfg, bad)} must be {want}')
 
 
+def ints(cfg, name):
+    """The comma-separated integers of a string flag (e.g. --ch-mult 1,2,2), or one clear error."""
+    try:
+        return [int(s) for s in getattr(cfg, name).split(',') if s]
+    except ValueError:
+        fail(f'--{name.replace("_", "-")} {getattr(cfg, name)!r} must be comma-separated integers, e.g. 1,2,2')
+
+
 # -----------------------------------------------------------------------------
-# Device and DDP (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK)
+# Device and DDP (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK)
 
 
 def resolve_device(device):
@@ -112,8 +109,7 @@ def print0(*args, **kwargs):
 
 @contextmanager
 def script_guard():
-    """Around a script's work: a data error becomes one clear line, Ctrl-C / SIGTERM outside training end it at once
-    (exit 130, no traceback); under torchrun the ranks leave together and the process group is torn down."""
+    """A data error is one line; Ctrl-C / SIGTERM outside training end at once (130); torchrun ranks leave together."""
     old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (timeouts, torchrun) acts like Ctrl-C
     try:
         yield
@@ -135,32 +131,29 @@ def script_guard():
 
 
 class Loop:
-    """`for step in loop:` runs the training steps start .. steps - 1 with the mechanics every loop here shares. Torch
-    is seeded from (seed, rank, step) before each step, so --resume 1 continues bit-identically. loop.log(name=value)
-    ends a step: a log line every --log-every steps (the values reach the host only then, and a NaN/inf stops the run
-    before save could write it); save(step, clock) on rank 0 every --ckpt-every steps, at the end, before any output
-    is due (loop.due(name): every `name` steps and at the last) and when a stop was asked. Ctrl-C / SIGTERM during a
-    step mark a stop (the step completes, is saved, exit 130); after log() (outputs) they interrupt at once. Under
-    torchrun the ranks agree on stopping at log steps. --time-budget counts training seconds only (loop.clock)."""
+    """`for step in loop:` runs steps start .. steps - 1, torch seeded from (seed, rank, step) so --resume 1 is exact.
+    loop.log(name=value) ends a step: a log line every --log-every steps (values reach the host only then; a NaN/inf
+    or a failed check(values) stops the run before save could write it); save(step, clock) on rank 0 every
+    --ckpt-every steps, at the end, before any output (loop.due(name): every `name` steps and at the last) and on a
+    stop. Ctrl-C / SIGTERM mark a stop (the step completes, is saved, exit 130), or interrupt at once while outputs
+    are made. DDP ranks agree on stopping at log steps. --time-budget counts training seconds only (loop.clock)."""
 
     def __init__(self, cfg, out, save, start=0, steps=None, clock=0.0, check=None, **every):
-        self.cfg, self.out, self.save, self.start, self.done, self.saved = cfg, Path(out), save, start, start, start
-        self.clock = clock
-        self.steps, self.seed, self.batch, self.log_every = steps or cfg.steps, cfg.seed, cfg.batch_size, cfg.log_every
-        self.budget, self.every = getattr(cfg, 'time_budget', 0), dict(every, ckpt=cfg.ckpt_every)
+        self.cfg, self.out, self.save, self.check, self.clock = cfg, Path(out), save, check, clock
+        self.start = self.done = self.saved = start
+        self.steps, self.every = steps or cfg.steps, dict(every, ckpt=cfg.ckpt_every)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.check, self.stop, self.urgent, self.final = check, False, False, False  # check(values): an error or None
+        self.stop = self.urgent = self.final = False
         self.last = {}  # the values of the last log line, as floats
 
     def __enter__(self):
-        self.old = {s: signal.signal(s, self._signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.old = {s: signal.signal(s, self.signal) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.rank == 0:
             (self.out / 'config.json').write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
-        self.file = open(self.out / 'log.txt', 'a') if self.rank == 0 else None
-        self.bar = tqdm(total=None if self.budget else self.steps, initial=self.start, disable=self.rank != 0)
+        self.bar = tqdm(total=self.steps, initial=self.start, disable=self.rank != 0)
         return self
 
-    def _signal(self, *_):
+    def signal(self, *_):
         self.stop = True
         if self.urgent:
             raise KeyboardInterrupt
@@ -170,17 +163,12 @@ class Loop:
         for s, handler in self.old.items():
             signal.signal(s, handler)
         self.bar.close()
-        if self.file:
-            self.file.close()
-        if kind is KeyboardInterrupt:  # during an output, after a complete step: save it unless that is done
-            if self.saved != self.done and self.rank == 0:
-                self.save(self.done, self.clock)
+        if kind is KeyboardInterrupt:  # while outputs were made, after a complete step: save it (if not yet), stop
             self.stopped()
-        if kind is None and self.done > self.start:
-            print0(f'done: step {self.done}, {self.clock:.1f} s of training '
-                   f'({(self.done - self.start) * self.batch / max(self.clock - self.clock0, 1e-9):.0f} img/s)')
 
     def stopped(self):
+        if self.saved != self.done and self.rank == 0:
+            self.save(self.done, self.clock)
         print0(f'\nstopped at step {self.done}; checkpoint saved to {self.out}/ckpt.pt (continue with --resume 1)')
         raise SystemExit(130)
 
@@ -188,9 +176,9 @@ class Loop:
         if self.start >= self.steps:
             print0(f'{self.out}/ckpt.pt is already at step {self.start} (--steps {self.steps}): nothing to train; '
                    f'raise --steps to continue it')
-        self.clock0, self.n_last, self.t_last, self.tick = self.clock, self.start, self.clock, time.perf_counter()
+        self.n_last, self.t_last, self.tick = self.start, self.clock, time.perf_counter()
         for step in range(self.start, self.steps):
-            torch.manual_seed((self.seed * 1000 + self.rank) * 10 ** 9 + step)  # batch, noise, dropout of this step
+            torch.manual_seed((self.cfg.seed * 1000 + self.rank) * 10 ** 9 + step)  # batch, noise, dropout
             self.urgent, self.tick = False, self.tick or time.perf_counter()  # the training clock runs again
             yield step  # the step's body calls log() once
             if self.final:
@@ -200,72 +188,66 @@ class Loop:
         return (self.every[name] > 0 and self.done % self.every[name] == 0) or self.final
 
     def log(self, **values):
-        self.done = done = self.done + 1
+        self.done += 1
         self.bar.update()
-        at_log, stop = done % self.log_every == 0, self.stop
-        over = bool(self.budget) and self.clock + time.perf_counter() - self.tick >= self.budget
+        at_log, stop, budget = self.done % self.cfg.log_every == 0, self.stop, getattr(self.cfg, 'time_budget', 0)
+        over = bool(budget) and self.clock + time.perf_counter() - self.tick >= budget
         if self.world > 1:  # agreed at log steps only: a collective every step would cost a host sync each
             flags = torch.tensor([float(stop), float(over)], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
             if at_log:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             stop, over = (bool(f) for f in flags.tolist()) if at_log else (False, False)
-        self.final = done == self.steps or over
+        self.final = self.done == self.steps or over
         ckpt = stop or any(self.due(k) for k in self.every)
         if at_log or ckpt:
             self.last = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in values.items()}  # the host sync
             bad = next((f'{k} is {v}' for k, v in self.last.items() if not math.isfinite(v)), None)
             if bad := bad or (self.check and self.check(self.last)):
-                fail(f'{bad} at step {done}: the last good checkpoint'
+                fail(f'{bad} at step {self.done}: the last good checkpoint'
                      f'{f" ({self.out}/ckpt.pt, step {self.saved})" if self.saved else ", if any,"} is kept; '
                      f'lower --lr, or check the data')
         if at_log or self.final:
             t = self.clock + time.perf_counter() - self.tick
-            dt, self.t_last, self.n_last = (t - self.t_last) / max(done - self.n_last, 1), t, done
+            dt, self.t_last, self.n_last = (t - self.t_last) / max(self.done - self.n_last, 1), t, self.done
             self.bar.set_postfix({k: f'{v:.4g}' for k, v in list(self.last.items())[:4]}, refresh=False)
-            if self.file:
-                print(f'step {done} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in self.last.items()) +
-                      f' | ms/step {1000 * dt:.1f} | img/s {self.batch / dt:.0f}', file=self.file, flush=True)
+            self.write(' | '.join(f'{k} {v:.4g}' for k, v in self.last.items()) +
+                       f' | ms/step {1000 * dt:.1f} | img/s {self.cfg.batch_size / dt:.0f}', echo=False)
         if ckpt:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the queued steps belong to the training clock
             self.clock, self.tick = self.clock + time.perf_counter() - self.tick, None
             if self.rank == 0:
-                self.save(done, self.clock)
-            self.saved = done
+                self.save(self.done, self.clock)
+            self.saved = self.done
             if stop:
                 self.stopped()
         self.urgent = True  # what follows until the next step (outputs) is interrupted by a signal at once
 
-    def write(self, text):
-        """'step N | text' into log.txt and onto the console (rank 0): an evaluation's result, say."""
+    def write(self, text, echo=True):
+        """'step N | text' into log.txt, and onto the console (rank 0): an evaluation's result, say."""
         if self.rank == 0:
-            print(f'step {self.done} | {text}', file=self.file, flush=True)
-            tqdm.write(f'step {self.done} | {text}')
+            with open(self.out / 'log.txt', 'a') as f:
+                print(f'step {self.done} | {text}', file=f)
+            if echo:
+                tqdm.write(f'step {self.done} | {text}')
 
 
 # -----------------------------------------------------------------------------
 # Datasets: official archives, verified, decoded once into cached uint8 .npy files that later runs load directly
 
-MNIST_URLS = ['https://ossci-datasets.s3.amazonaws.com/mnist/', 'http://yann.lecun.com/exdb/mnist/']
-DATASETS = {  # facts about the data, not hyperparameters
-    'mnist': dict(size=28, channels=1, classes=10, urls=MNIST_URLS, files={
-        'train-images-idx3-ubyte.gz': 'sha256:440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609',
-        'train-labels-idx1-ubyte.gz': 'sha256:3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c',
-        't10k-images-idx3-ubyte.gz': 'sha256:8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6',
-        't10k-labels-idx1-ubyte.gz': 'sha256:f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6'}),
-    'fashion-mnist': dict(size=28, channels=1, classes=10, urls=['http://fashion-mnist.s3-website.eu-central-1'
-                                                                  '.amazonaws.com/'], files={
-        'train-images-idx3-ubyte.gz': 'sha256:3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84',
-        'train-labels-idx1-ubyte.gz': 'sha256:a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845',
-        't10k-images-idx3-ubyte.gz': 'sha256:346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073',
-        't10k-labels-idx1-ubyte.gz': 'sha256:67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5'}),
-    'cifar10': dict(size=32, channels=3, classes=10, urls=['https://www.cs.toronto.edu/~kriz/'], files={
+IDX = [f'{s}-{k}-idx{d}-ubyte.gz' for s in ('train', 't10k') for k, d in (('images', 3), ('labels', 1))]  # MNIST's
+DATASETS = {  # facts about the data, not hyperparameters; checksums: sha256 prefixes (64 bits) or md5
+    'mnist': dict(size=28, channels=1, url='https://ossci-datasets.s3.amazonaws.com/mnist/', files=dict(zip(IDX, [
+        'sha256:440fcabf73cc546f', 'sha256:3552534a0a558bbe', 'sha256:8d422c7b0a1c1c79', 'sha256:f7ae60f92e00ec6d']))),
+    'fashion-mnist': dict(size=28, channels=1, url='http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/',
+                          files=dict(zip(IDX, ['sha256:3aede38d61863908', 'sha256:a04f17134ac03560',
+                                               'sha256:346e55b948d973a9', 'sha256:67da17c76eaffca5']))),
+    'cifar10': dict(size=32, channels=3, url='https://www.cs.toronto.edu/~kriz/', files={
         'cifar-10-python.tar.gz': 'md5:c58f30108f718f92721af3b95e74349a'}),
     # NOT CIFAR-10: 5,438 train / 1,017 test images with CIFAR-10's exact pixels (../shared/data/SOURCES.md), for
     # 32x32 RGB work where the full archive cannot be had; never report results on it as CIFAR-10 results
-    'cifar10-subset': dict(size=32, channels=3, classes=10, urls=[], files={
-        'cifar10_prefix_subset.npz': 'md5:b3056ae479cf1c6a76659f526b840e91'}),
-}
+    'cifar10-subset': dict(size=32, channels=3, url='', files={'cifar10_prefix_subset.npz': 'md5:b3056ae479cf1c6a7'}),
+}  # all four have ten classes
 
 
 class DataError(ValueError):
@@ -278,54 +260,41 @@ def data_dir(path=None):
 
 def cache_dir():
     if (d := Path(os.environ.get('GENMODELS_CACHE') or 'data/cache')).exists() and not d.is_dir():
-        fail(f'the cache folder {d} ($GENMODELS_CACHE, default data/cache) is a file: remove it or point '
-             f'$GENMODELS_CACHE elsewhere')
+        fail(f'the cache folder {d} ($GENMODELS_CACHE, default data/cache) is a file: remove it or point it elsewhere')
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def verify(path, checksum):
-    """checksum is 'md5:<hex>' or 'sha256:<hex or hex prefix>'; raise DataError naming the file on a mismatch."""
+def verify(path, checksum, data=None):
+    """checksum ('md5:' or 'sha256:' + hex or a hex prefix) of the file path, or of data to be written there."""
     algo, want = checksum.split(':')
-    h = hashlib.new(algo)
-    with open(path, 'rb') as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    if not h.hexdigest().startswith(want):
-        raise DataError(f'{path}: {algo} is {h.hexdigest()}, expected {want}. The file is corrupt, truncated or not '
-                        f'the official one: delete it and let the script download it again, or put the official one.')
+    digest = hashlib.new(algo, Path(path).read_bytes() if data is None else data).hexdigest()
+    if not digest.startswith(want):
+        raise DataError(f'{path}: {algo} is {digest}, expected {want}. The file is corrupt, truncated or not the '
+                        f'official one: delete it and let the script download it again, or put the official one.')
 
 
 def download(url, dest, checksum):
-    """Download url to dest atomically (temp file + rename) and verify it; a failed download leaves nothing behind."""
+    """url into dest, verified before it is written (atomically): a failed download leaves nothing behind."""
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=Path(dest).parent, prefix=Path(dest).name + '.', suffix='.part')
-    try:
-        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
-            while block := r.read(1 << 20):
-                f.write(block)
-        verify(tmp, checksum)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with urllib.request.urlopen(url, timeout=60) as r:
+        data = r.read()
+    verify(dest, checksum, data)
+    atomic_write(dest, lambda f: f.write(data))
 
 
 def archive(name, fname, root=None):
     """Path of a verified official archive file: from the data folder (or flat in it) if there, else downloaded."""
-    info, path = DATASETS[name], data_dir(root) / name / fname
-    path = data_dir(root) / fname if not path.exists() and (data_dir(root) / fname).exists() else path
-    if not path.exists():
-        print0(f'{fname} not found under {data_dir(root)}; downloading it')
-        errors = []
-        for url in info['urls']:
-            try:
-                return download(url + fname, path, info['files'][fname]) or path
-            except (OSError, DataError) as e:
-                errors.append(f'{url + fname}: {e}')
-        raise DataError(f'could not get {fname}: ' + '; '.join(errors) + f'. Put the official file at {path} or point '
-                        f'--data-dir (or $GENMODELS_DATA) at a folder that has it.')
-    verify(path, info['files'][fname])
+    info, path, flat = DATASETS[name], data_dir(root) / name / fname, data_dir(root) / fname
+    if path.exists() or flat.exists():
+        verify(path := path if path.exists() else flat, info['files'][fname])
+        return path
+    print0(f'{fname} not found under {data_dir(root)}; downloading it')
+    try:
+        download(info['url'] + fname, path, info['files'][fname])
+    except (OSError, ValueError) as e:  # offline, or (ValueError) no official URL: the file must be put there
+        raise DataError(f'could not get {info["url"] + fname} ({e}). Put the official file at {path} or point '
+                        f'--data-dir (or $GENMODELS_DATA) at a folder that has it.') from None
     return path
 
 
@@ -358,18 +327,23 @@ def read_cifar10(path):
 
 
 def image_shape(cfg):
-    """(C, H, W) of the images a run's Config (its .dataset, and .image_size for image folders) trains on."""
-    info = DATASETS.get(cfg.dataset, dict(channels=3, size=cfg.image_size))
-    return info['channels'], info['size'], info['size']
+    """(C, H, W) of the images a run's Config trains on (its .dataset: a name, or an .npz of images)."""
+    info = DATASETS.get(cfg.dataset)
+    return (info['channels'], info['size'], info['size']) if info else tuple(load_dataset(cfg.dataset)[0].shape[1:])
 
 
-def load_dataset(name, split='train', root=None, image_size=None):
-    """(x uint8 (N, C, H, W), y int64 (N,) or None) of a dataset or an image folder. The archives are decoded once
-    into a cache; a --data-dir given (root) is always checked, so the cache never hides a missing or corrupt one."""
+def load_dataset(name, split='train', root=None):
+    """(x uint8 (N, C, H, W), y int64 (N,) or None) of a dataset, decoded once into a cache (a --data-dir given, root,
+    is checked anyway), or of your own images: an .npz of uint8 (N, H, W, C) in arr_0, as --mode sample writes."""
+    if name.endswith('.npz') and name not in DATASETS:
+        try:
+            x = np.load(name)['arr_0']
+            assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] in (1, 3)
+        except Exception:
+            raise DataError(f'{name}: not an .npz of uint8 images (N, H, W, C) with C 1 or 3 in arr_0') from None
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), None
     if name not in DATASETS:
-        if os.sep in name or os.path.exists(name):
-            return load_image_folder(name, image_size), None
-        raise DataError(f'unknown dataset {name!r}: use one of {", ".join(DATASETS)} or the path of an image folder')
+        raise DataError(f'unknown dataset {name!r}: use one of {", ".join(DATASETS)} or an .npz of your own images')
     if split not in ('train', 'test'):
         raise DataError(f'unknown split {split!r} for {name}: use train or test')
     fx, fy = cache_dir() / f'{name}-{split}-x.npy', cache_dir() / f'{name}-{split}-y.npy'
@@ -378,9 +352,8 @@ def load_dataset(name, split='train', root=None, image_size=None):
         if name == 'cifar10':
             arrays = read_cifar10(paths['cifar-10-python.tar.gz'])
         elif name == 'cifar10-subset':
-            with np.load(paths['cifar10_prefix_subset.npz']) as d:
-                arrays = {s: (d[f'x_{s}'].reshape(-1, 3, 32, 32), d[f'y_{s}'].astype(np.int64)) for s in ('train',
-                                                                                                        'test')}
+            d = np.load(paths['cifar10_prefix_subset.npz'])
+            arrays = {s: (d[f'x_{s}'].reshape(-1, 3, 32, 32), d[f'y_{s}'].astype(np.int64)) for s in ('train', 'test')}
         else:
             arrays = {s: (read_idx(paths[f'{p}-images-idx3-ubyte.gz'])[:, None],
                           read_idx(paths[f'{p}-labels-idx1-ubyte.gz']).astype(np.int64))
@@ -392,39 +365,6 @@ def load_dataset(name, split='train', root=None, image_size=None):
         return torch.from_numpy(np.load(fx)), torch.from_numpy(np.load(fy))
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f'{fx} or {fy}: unreadable cached array ({e}); delete both and run again to rebuild them')
-
-
-def load_image_folder(folder, image_size):
-    """Every png/jpg below folder, as RGB, shorter side resized to image_size and centre-cropped."""
-    if not os.path.isdir(folder):
-        raise DataError(f'{folder}: no such folder (give a dataset name: {", ".join(DATASETS)}, or a folder of images)')
-    files = sorted(p for p in Path(folder).rglob('*') if p.suffix.lower() in ('.png', '.jpg', '.jpeg'))
-    if not files or not image_size:
-        raise DataError(f'{folder}: ' + ('a folder of images needs --image-size (e.g. 32 or 64)' if files else
-                                         'no .png/.jpg images found (searched recursively)'))
-    x = np.empty((len(files), 3, image_size, image_size), np.uint8)
-    for i, f in enumerate(tqdm(files, desc=f'reading {folder}', disable=len(files) < 1000)):
-        try:
-            im = read_rgb(f)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f'{f}: cannot read this image ({e}); delete or replace it') from e
-        if max(im.size) > 4 * min(im.size):  # a centre crop would keep < 1/4 of it, and resizing a strip first is huge
-            raise DataError(f'{f}: {im.width}x{im.height} is too far from square for a centre crop; crop or remove it')
-        s = image_size / min(im.size)
-        im = im.resize((max(image_size, round(im.width * s)), max(image_size, round(im.height * s))), Image.BICUBIC)
-        left, top = (im.width - image_size) // 2, (im.height - image_size) // 2
-        x[i] = np.asarray(im.crop((left, top, left + image_size, top + image_size))).transpose(2, 0, 1)
-    return torch.from_numpy(x)
-
-
-def read_rgb(path):
-    """An image file as 8-bit RGB; 16-bit grey PNGs are scaled to 8 bits, not saturated as PIL's convert() does."""
-    with Image.open(path) as im:
-        if im.mode not in ('I;16', 'I;16B', 'I;16L', 'I'):
-            return im.convert('RGB')
-        a = np.asarray(im, np.float64)
-        a = a / 257 if im.mode.startswith('I;16') or a.max() > 255 else a
-        return Image.fromarray(a.round().clip(0, 255).astype(np.uint8)).convert('RGB')
 
 
 def random_batch(x, y, batch_size, flip):
@@ -441,8 +381,7 @@ def random_batch(x, y, batch_size, flip):
 
 
 def atomic_write(path, write):
-    """write(file) into a temp file beside path, renamed over it: a kill mid-write leaves the old file, and two
-    processes writing one file at once (DDP ranks filling a cache) never collide."""
+    """write(file) into a temp file renamed over path: a kill mid-write leaves the old file; writers never collide."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + '.', suffix='.tmp')
     try:
@@ -452,8 +391,7 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:  # disk full, quota, permissions: the previous file is still there
-        fail(f'could not write {path} ({e.strerror or e}); the previous version, if any, is intact. Free some space '
-             f'or give another --out')
+        fail(f'could not write {path} ({e.strerror or e}); the previous version, if any, is intact: free some space')
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -463,25 +401,23 @@ _claimed = {}  # run folder -> open lock file, held for the life of the process
 
 
 def claim(out):
-    """Make this process the one run writing into out (rank 0; training and sampling alike): a second one gets a
-    clear error. The OS drops the lock however the process ends. Temp files of a killed write are removed."""
+    """This process is the one run writing into out (training or sampling, rank 0); the OS drops the lock however the
+    process ends. A second run gets a clear error. Temp files of a killed write are removed."""
     import fcntl
     if (out := Path(out)).exists() and not out.is_dir():
         fail(f'--out {out} is a file, not a folder: give another --out')
     out.mkdir(parents=True, exist_ok=True)
-    if str(out.resolve()) in _claimed:
-        return
-    f = open(out / '.lock', 'a+')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        fail(f'{out} is in use by another run (pid {f.read().strip() or "?"}); wait for it to finish, stop it, or '
-             f'give another --out')
-    f.truncate(0), f.write(str(os.getpid())), f.flush()
-    _claimed[str(out.resolve())] = f
-    for tmp in out.glob('*.tmp'):
-        tmp.unlink()
+    if (key := str(out.resolve())) not in _claimed:
+        f = open(out / '.lock', 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fail(f'{out} is in use by another run (pid {(out / ".lock").read_text().strip() or "?"}); wait for it to '
+                 f'finish, stop it, or give another --out')
+        f.truncate(0), f.write(str(os.getpid())), f.flush()
+        _claimed[key] = f
+        for tmp in out.glob('*.tmp'):
+            tmp.unlink()
 
 
 def nonfinite(state, prefix=''):
@@ -494,14 +430,12 @@ def nonfinite(state, prefix=''):
 def save_ckpt(path, state):
     """Atomically; a state with NaN/inf weights never replaces the last good checkpoint."""
     if bad := nonfinite(state):
-        fail(f'not saving {path}: {", ".join(bad[:3])} hold NaN/inf (the training diverged); the last good checkpoint '
-             f'is kept. Lower --lr, or check the data')
+        fail(f'not saving {path}: {", ".join(bad[:3])} hold NaN/inf; the last good checkpoint is kept. Lower --lr')
     atomic_write(path, lambda f: torch.save(state, f))
 
 
 def torch_load(path, what='checkpoint'):
-    """torch.load with weights_only=True (tensors and plain containers: a file cannot run code). A file it refuses
-    gets one line that never suggests the unsafe weights_only=False."""
+    """torch.load(weights_only=True): no file can run code; a refused one gets a line that never suggests otherwise."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -529,8 +463,7 @@ def resume(out, script, cfg, model_keys, recipe_keys=()):
         fail(f'--resume: the checkpoint has different {", ".join(changed)}; pass the same values, e.g. ' +
              ' '.join(f'--{k.replace("_", "-")} {ckpt["config"][k]}' for k in changed))
     if inexact := [k for k in recipe_keys if ckpt and ckpt['config'].get(k) != getattr(cfg, k)]:
-        print0(f'warning: --resume with a different {", ".join(inexact)} than the checkpoint\'s: training continues '
-               f'with the new values, but no longer as the uninterrupted run would have')
+        print0(f'warning: --resume with a different {", ".join(inexact)}: the new values apply, the run is not exact')
     return ckpt
 
 
@@ -547,8 +480,8 @@ def load_opt(opt, state):
 
 
 def write_samples(x, out, tag, save='png,npz'):
-    """uint8 (N, C, H, W) -> out/tag.npz (uint8 (N, H, W, C) in arr_0, for eval_fid.py) and/or PNGs in out/tag/, and
-    a grid of the first 64, out/tag.png. Old files of both formats go first, so no FID ever scores stale ones."""
+    """uint8 (N, C, H, W) -> out/tag.npz (uint8 (N, H, W, C) in arr_0) and/or PNGs in out/tag/, a grid out/tag.png.
+    Old files of both formats go first, so no FID ever scores stale ones."""
     out, npz, folder = Path(out), Path(out) / f'{tag}.npz', Path(out) / tag
     for old in [npz] * npz.exists() + (sorted(folder.glob('*.png')) if folder.is_dir() else []):
         old.unlink()
@@ -564,9 +497,8 @@ def write_samples(x, out, tag, save='png,npz'):
 
 
 def sample_many(draw, n, batch, seed, device, rank=0, world=1, desc='sampling'):
-    """n samples as uint8 (N, C, H, W) on rank 0 (None elsewhere): draw(start, size, generator) makes images start ..
-    start + size - 1 as uint8, with a generator seeded from (seed, start), so the samples are the same however many
-    ranks share the work (rank r draws batches r, r + world, ...) and however the run was interrupted before."""
+    """n samples, uint8 (N, C, H, W), on rank 0 (None elsewhere): draw(start, size, generator) makes images start ..
+    start + size - 1, its generator seeded by (seed, start), so they are the same however many ranks share the work."""
     starts = range(0, n, batch)
     mine = [draw(s, min(batch, n - s), torch.Generator(device).manual_seed(seed * 1_000_003 + s))
             for s in tqdm(starts[rank::world], desc=desc, disable=rank != 0 or len(starts) < 2, leave=False)]

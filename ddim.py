@@ -184,7 +184,7 @@ def real_images(cfg, mcfg, shape, n):
                         f'images: resize or crop it first')
         x = torch.from_numpy(np.array(im)).reshape(shape[1], shape[2], shape[0]).permute(2, 0, 1)[None]
     else:
-        x = common.load_dataset(mcfg.dataset, 'test', cfg.data_dir or None, mcfg.image_size)[0][:n]
+        x = common.load_dataset(mcfg.dataset, 'test', cfg.data_dir or None)[0][:n]
     return x.float() / 127.5 - 1
 
 

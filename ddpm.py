@@ -28,9 +28,8 @@ import kernels
 class Config:
     mode: str = 'train'  # train | sample (from the checkpoint in --out)
     preset: str = ''  # named settings below the flags given (listed at the end of --help); '': from --dataset, device
-    dataset: str = 'cifar10'  # mnist | fashion-mnist | cifar10 | cifar10-subset | path of an image folder
+    dataset: str = 'cifar10'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of your own uint8 images (N, H, W, C)
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data; fetched if missing)
-    image_size: int = 32  # image folders only: shorter side resized to this, then centre-cropped
     out: str = ''  # run folder for checkpoint, grids and logs (default runs/ddpm-<dataset>)
     device: str = 'auto'  # auto | cuda | cpu | mps
     seed: int = 0  # all training randomness is a function of (seed, rank, step)
@@ -83,7 +82,7 @@ PRESETS = {'cifar10': {}, 'mnist': dict(ch=64, ch_mult='1,2,2', attn_res='14', e
 PRESETS.update({f'{k}-cpu': dict(p, **CPU) for k, p in list(PRESETS.items())})
 
 
-MODEL_KEYS = ('dataset', 'image_size', 'ch', 'ch_mult', 'num_res_blocks', 'attn_res', 'class_cond', 'T', 'schedule',
+MODEL_KEYS = ('dataset', 'ch', 'ch_mult', 'num_res_blocks', 'attn_res', 'class_cond', 'T', 'schedule',
               'objective')
 RECIPE_KEYS = ('seed', 'batch_size', 'lr', 'warmup', 'dropout', 'flip', 'p_uncond', 'loss')  # same: an exact resume
 NUM_CLASSES = 10  # every labelled dataset here has ten classes; index 10 is the null label of guidance
@@ -380,7 +379,7 @@ def check(cfg, world=1):
     common.check(cfg, dict(mode=('train', 'sample'), schedule=('linear', 'cosine', 'sigmoid'),
                            objective=('eps', 'x0', 'v'), loss=('mse', 'l1'), var=('small', 'large')),
                  positive=('steps', 'batch_size', 'warmup', 'log_every', 'ckpt_every', 'ch', 'num_res_blocks',
-                           'n_samples', 'sample_batch', 'image_size', 'lr'),
+                           'n_samples', 'sample_batch', 'lr'),
                  nonnegative=('time_budget', 'sample_every', 'fid_every', 'weight_decay', 'grad_clip', 'guidance'),
                  unit=('dropout', 'p_uncond', 'ema'))
     common.ints(cfg, 'attn_res')  # one clear error if it is not a list of integers
@@ -390,7 +389,7 @@ def check(cfg, world=1):
     if cfg.batch_size % world:
         common.fail(f'--batch-size {cfg.batch_size} must be divisible by the {world} processes')
     if cfg.class_cond and cfg.dataset not in common.DATASETS:
-        common.fail('--class-cond 1 needs a labelled dataset (mnist, fashion-mnist, cifar10); image folders have none')
+        common.fail('--class-cond 1 needs a labelled dataset (mnist, fashion-mnist, cifar10); an .npz of images has none')
     if cfg.T < 2 or cfg.ch % 4:
         common.fail(f'--T {cfg.T} must be >= 2 and --ch {cfg.ch} a multiple of 4')
     if not -1 <= cfg.label < NUM_CLASSES:
@@ -405,7 +404,7 @@ def train(cfg):
     out, cuda = Path(cfg.out), 'cuda' in device
     if rank == 0:
         common.claim(out)  # one run per folder: a second one gets a clear error, not a mixed-up checkpoint
-    x, y = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None, cfg.image_size)
+    x, y = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None)
     if cfg.fid_every and rank == 0:  # the Inception network and the reference statistics up front: errors come first
         import eval_fid
         scorer = eval_fid.run_scorer(cfg.fid_ref, cfg.dataset, x, device)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import common
@@ -321,9 +322,15 @@ def compute_stats(images, mode='pytorch-fid', device=None, model=None):
 
 
 def read_image(path):
-    """uint8 (H, W, 3): grayscale, palette and RGBA become RGB as pytorch-fid and clean-fid do (PIL convert('RGB'))."""
+    """uint8 (H, W, 3): grayscale, palette and RGBA become RGB as pytorch-fid and clean-fid do (PIL convert('RGB')),
+    and 16-bit grey PNGs are scaled to 8 bits, not saturated as convert() does."""
     try:
-        return np.asarray(common.read_rgb(path))  # 16-bit PNGs scaled to 8 bits, not saturated
+        with Image.open(path) as im:
+            if im.mode not in ('I;16', 'I;16B', 'I;16L', 'I'):
+                return np.asarray(im.convert('RGB'))
+            a = np.asarray(im, np.float64)
+            a = a / 257 if im.mode.startswith('I;16') or a.max() > 255 else a
+            return np.repeat(a.round().clip(0, 255).astype(np.uint8)[..., None], 3, 2)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
         raise ValueError(f'cannot read image {path} ({type(e).__name__}: {e}): delete or replace it') from None
 

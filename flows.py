@@ -28,9 +28,8 @@ import common
 class Config:
     mode: str = 'train'  # train (then test NLL, samples) | sample (from the checkpoint in --out)
     preset: str = ''  # named settings below the flags given (listed at the end of --help); '': from --dataset, device
-    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset | path of an image folder
+    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of your own uint8 images (N, H, W, C)
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data; fetched if missing)
-    image_size: int = 32  # image folders only: shorter side resized to this, then centre-cropped
     out: str = ''  # run folder for checkpoint, grids and logs (default runs/flows-<dataset>)
     device: str = 'auto'  # auto | cuda | cpu | mps
     seed: int = 0  # all training randomness is a function of (seed, rank, step)
@@ -62,12 +61,12 @@ class Config:
 
 
 PRESETS = {'mnist': dict(alpha=1e-6),  # MNIST's saturated pixels want a small alpha (MAF's 1e-6), see README
-           'cifar10': dict(flip=True)}  # and image folders
+           'cifar10': dict(flip=True)}  # and your own images
 PRESETS.update({f'{k}-cpu': dict(p, ch=32, blocks=2, steps=4000, lr=2e-3, warmup=200, ckpt_every=1000, sample_every=0,
                                  compile=False) for k, p in list(PRESETS.items())})
 
 
-MODEL_KEYS = ('dataset', 'image_size', 'ch', 'blocks', 'scales', 'alpha')
+MODEL_KEYS = ('dataset', 'ch', 'blocks', 'scales', 'alpha')
 RECIPE_KEYS = ('seed', 'batch_size', 'lr', 'warmup', 'grad_clip', 'flip')
 
 # -----------------------------------------------------------------------------
@@ -291,9 +290,8 @@ def check(cfg, world=1):
 
 
 def load(cfg, split):
-    """uint8 (N, C, H, W) of a split; an image folder has no test split: its last 10% are held out."""
-    x = common.load_dataset(cfg.dataset, split if cfg.dataset in common.DATASETS else 'train', cfg.data_dir or None,
-                            cfg.image_size)[0]
+    """uint8 (N, C, H, W) of a split; an .npz of your own images has no test split: its last 10% are held out."""
+    x = common.load_dataset(cfg.dataset, split if cfg.dataset in common.DATASETS else 'train', cfg.data_dir or None)[0]
     cut = len(x) - max(1, len(x) // 10)
     return x if cfg.dataset in common.DATASETS else x[:cut] if split == 'train' else x[cut:]
 

@@ -27,9 +27,8 @@ import common
 class Config:
     mode: str = 'train'  # train | sample (from the checkpoint in --out)
     preset: str = ''  # named settings below the flags given (listed at the end of --help); '': from the flags, device
-    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset (NOT CIFAR-10) | path of an image folder
+    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset (NOT CIFAR-10) | an .npz of your own uint8 images (N, H, W, C)
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data; fetched if missing)
-    image_size: int = 32  # image folders only: 28, 32 or 64
     out: str = ''  # run folder (default runs/gan-<dataset>)
     device: str = 'auto'  # auto | cuda | cpu | mps
     seed: int = 0  # all training randomness is a function of (seed, rank, step)
@@ -69,7 +68,7 @@ def pick(v):  # the preset when --preset is not given: by the data's size and --
     return ('mnist' if v['dataset'] in ('mnist', 'fashion-mnist') else 'cifar10') + '-wgan-gp' * (v['loss'] == 'wgan-gp')
 
 
-MODEL_KEYS = ('dataset', 'image_size', 'loss', 'z_dim', 'ch')
+MODEL_KEYS = ('dataset', 'loss', 'z_dim', 'ch')
 RECIPE_KEYS = ('seed', 'batch_size', 'lr', 'beta1', 'beta2', 'n_critic', 'gp_lambda', 'ema', 'flip')
 
 # -----------------------------------------------------------------------------
@@ -198,7 +197,7 @@ def train(cfg):
     device, rank, world = common.setup(cfg.device)
     check(cfg, world)
     out = Path(cfg.out)
-    x = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None, cfg.image_size)[0].to(device)  # all of it
+    x = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None)[0].to(device)  # all of it
     C, H, B = x.shape[1], x.shape[2], cfg.batch_size // world
     if cfg.epochs:  # an epoch: D's real batches cover the training set once
         cfg = dataclasses.replace(cfg, steps=max(1, round(cfg.epochs * len(x) / (cfg.batch_size * cfg.n_critic))))

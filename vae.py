@@ -32,9 +32,8 @@ import common
 class Config:
     mode: str = 'train'  # train | eval | sample | interp (the last three read --out/ckpt.pt)
     preset: str = ''  # named settings below the flags given (listed at the end of --help); '': from the flags, device
-    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset | path of an image folder
+    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of your own uint8 images (N, H, W, C)
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data)
-    image_size: int = 32  # image folders only: shorter side resized to this, then centre-cropped
     out: str = ''  # run folder (default runs/vae-<arch>-<dataset>)
     device: str = 'auto'  # auto | cuda | cpu | mps
     seed: int = 0  # all training randomness is a function of (seed, rank, step)
@@ -75,7 +74,7 @@ def pick(v):  # the preset when --preset is not given: the autoencoder, else by 
 
 
 
-MODEL_KEYS = ('dataset', 'image_size', 'arch', 'likelihood', 'latent', 'hidden', 'depth', 'ch', 'f')
+MODEL_KEYS = ('dataset', 'arch', 'likelihood', 'latent', 'hidden', 'depth', 'ch', 'f')
 RECIPE_KEYS = ('seed', 'batch_size', 'lr', 'beta', 'beta_warmup')
 
 # -----------------------------------------------------------------------------
@@ -215,7 +214,7 @@ def to_model(x, likelihood, generator=None):
 
 
 def test_set(cfg, device):  # the first --eval-n test images as the model sees them; binarised once, with seed 0
-    x, _ = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None, cfg.image_size)
+    x, _ = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None)
     return to_model(x[:cfg.eval_n], cfg.likelihood, torch.Generator().manual_seed(0)).to(device)
 
 
@@ -291,7 +290,7 @@ def train(cfg):
     out = Path(cfg.out)
     if rank == 0:
         common.claim(out)
-    x = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None, cfg.image_size)[0].to(device)
+    x = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None)[0].to(device)
     test, per_epoch = test_set(cfg, device), max(1, len(x) // cfg.batch_size)
     steps = cfg.steps or cfg.epochs * per_epoch
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run

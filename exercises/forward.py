@@ -18,9 +18,8 @@ from exercises.curves import pyplot
 
 @dataclass
 class Config:
-    dataset: str = 'cifar10'  # mnist | fashion-mnist | cifar10 | cifar10-subset | path of an image folder
+    dataset: str = 'cifar10'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of uint8 images (N, H, W, C)
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data)
-    image_size: int = 32  # image folders only
     schedule: str = 'linear'  # linear | cosine | sigmoid
     T: int = 1000  # diffusion steps
     out: str = 'runs/forward'  # folder for forward.png and forward.csv
@@ -31,7 +30,7 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv=argv)
     common.check(cfg, dict(schedule=('linear', 'cosine', 'sigmoid')), positive=('T',))
     with common.script_guard():
-        x, _ = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None, cfg.image_size)
+        x, _ = common.load_dataset(cfg.dataset, 'train', cfg.data_dir or None)
     out, g = Path(cfg.out), torch.Generator().manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     x0 = x[torch.randperm(len(x), generator=g)[:512]].float() / 127.5 - 1

@@ -85,8 +85,9 @@ def load_diffusers(folder):
     s = json.loads(sched.read_text()) if sched.exists() else {}
     if (s.get('beta_schedule', 'linear'), s.get('beta_start', 1e-4), s.get('beta_end', 0.02)) != ('linear', 1e-4, 0.02):
         common.fail(f'{sched}: only the linear 1e-4 -> 0.02 schedule of Ho et al. is supported')
-    dataset = next((k for k, v in common.DATASETS.items() if (v['channels'], v['size']) == (cin, size)), '')
-    mcfg = ddpm.Config(dataset=dataset, image_size=size, ch=ch, ch_mult=','.join(str(b // ch) for b in boc),
+    if not (dataset := next((k for k, v in common.DATASETS.items() if (v['channels'], v['size']) == (cin, size)), '')):
+        common.fail(f'{folder}: {cin}x{size}x{size} images; ddpm.py knows 1x28x28 and 3x32x32 data')
+    mcfg = ddpm.Config(dataset=dataset, ch=ch, ch_mult=','.join(str(b // ch) for b in boc),
                        num_res_blocks=c['layers_per_block'], dropout=0.0, T=s.get('num_train_timesteps', 1000),
                        attn_res=','.join(str(size >> i) for i, d in enumerate(downs) if d.startswith('Attn')),
                        var='large' if s.get('variance_type', 'fixed_large') == 'fixed_large' else 'small')

@@ -1,10 +1,9 @@
-"""Data layer: official archives (real bytes from ../shared/data), the CIFAR-10 parser, image folders, bad input."""
+"""Data layer: official archives (real bytes from ../shared/data), the CIFAR-10 parser, .npz datasets, bad input."""
 import hashlib, io, os, pickle, shutil, tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import common
 
@@ -98,28 +97,21 @@ def test_failed_download_leaves_no_partial_file(tmp_path):
     assert dest.read_bytes() == b'not the archive'
 
 
-def test_unknown_dataset_and_bad_folders(tmp_path):
+def test_unknown_dataset_and_bad_npz(tmp_path):
     with pytest.raises(common.DataError, match="unknown dataset 'cifar100': use one of mnist, fashion-mnist, cifar10"):
         common.load_dataset('cifar100')
-    with pytest.raises(common.DataError, match='no such folder'):
-        common.load_dataset(str(tmp_path / 'missing') + '/', image_size=32)
-    with pytest.raises(common.DataError, match='no .png/.jpg images found'):
-        common.load_dataset(str(tmp_path), image_size=32)
-    (tmp_path / 'broken.png').write_bytes(b'\x89PNG broken')
-    with pytest.raises(common.DataError, match='broken.png: cannot read this image'):
-        common.load_dataset(str(tmp_path), image_size=32)
+    with pytest.raises(common.DataError, match='missing.npz: not an .npz of uint8 images'):
+        common.load_dataset(str(tmp_path / 'missing.npz'))
+    np.savez(tmp_path / 'floats.npz', np.zeros((2, 8, 8, 3)))
+    with pytest.raises(common.DataError, match='floats.npz: not an .npz of uint8 images'):
+        common.load_dataset(str(tmp_path / 'floats.npz'))
 
 
-def test_image_folder_is_resized_and_centre_cropped(tmp_path):
-    (tmp_path / 'sub').mkdir()
-    wide = np.zeros((40, 80, 3), np.uint8)
-    wide[:, 20:60] = 255  # a white centre square, black side bars that the crop removes
-    Image.fromarray(wide).save(tmp_path / 'a.png')
-    Image.fromarray(np.full((50, 50), 128, np.uint8)).convert('L').save(tmp_path / 'sub' / 'b.jpg')  # grayscale
-    x, y = common.load_dataset(str(tmp_path), image_size=16)
-    assert x.shape == (2, 3, 16, 16) and y is None
-    assert x[0].float().mean() > 250  # centre crop of the wide image is all white
-    assert abs(x[1].float().mean() - 128) < 2
+def test_npz_of_your_own_images_is_a_dataset(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (5, 8, 6, 3), dtype=np.uint8)  # (N, H, W, C), as --mode sample writes
+    np.savez(tmp_path / 'mine.npz', x)
+    got, y = common.load_dataset(str(tmp_path / 'mine.npz'))
+    assert y is None and got.shape == (5, 3, 8, 6) and torch.equal(got, torch.from_numpy(x).permute(0, 3, 1, 2))
 
 
 def test_random_batch_range_and_flips():

@@ -105,7 +105,7 @@ def test_timesteps(spacing):
 def test_diffusers_import_matches_unet2dmodel(tmp_path):
     diffusers = pytest.importorskip('diffusers')  # a guard only: CI installs diffusers (see the report)
     torch.manual_seed(0)
-    ref = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[128, 256],
+    ref = diffusers.UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256],
                                 down_block_types=['DownBlock2D', 'AttnDownBlock2D'], layers_per_block=2,
                                 up_block_types=['AttnUpBlock2D', 'UpBlock2D'], norm_eps=1e-6,
                                 downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None)
@@ -114,13 +114,13 @@ def test_diffusers_import_matches_unet2dmodel(tmp_path):
             p.add_(0.1 * torch.randn_like(p))
     ref.eval().save_pretrained(tmp_path / 'ho')
     model, mcfg = ho_weights.load_diffusers(tmp_path / 'ho')
-    assert (mcfg.ch, mcfg.ch_mult, mcfg.attn_res, mcfg.num_res_blocks) == (128, '1,2', '4', 2)
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    assert (mcfg.ch, mcfg.ch_mult, mcfg.attn_res, mcfg.num_res_blocks) == (128, '1,2', '16', 2)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x, t), ref(x, t).sample, atol=1e-5, rtol=1e-4)
     ho_weights.main([str(tmp_path / 'ho'), '--out', str(tmp_path / 'o')])
     ddim.main(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--n-samples', '2', '--steps', '2'])
-    assert np.load(tmp_path / 'o' / 'samples_ddim-S2-eta0.npz')['arr_0'].shape == (2, 8, 8, 3)
+    assert np.load(tmp_path / 'o' / 'samples_ddim-S2-eta0.npz')['arr_0'].shape == (2, 32, 32, 3)
 
 
 # -----------------------------------------------------------------------------
