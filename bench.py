@@ -7,7 +7,7 @@ feature throughput and the time of a 50k-sample FID. Speed is measured here, nev
     python bench.py gan --dataset mnist                       # the real gan.py loop for 30 steps, in a temp folder
     python bench.py flows --dataset cifar10
     python bench.py ldm --out runs/ldm-mnist                  # a trained run: GFLOP/step and ms per decoded sample
-    python bench.py fid 50000                                 # features img/s and a 50k FID (pytorch-fid alongside)
+    python bench.py fid 50000                                 # features img/s and the time of a 50k FID
 
 Random data of the model's shape (real MNIST for gan), so no dataset is needed. Quote the figures with the GPU name,
 the torch version and the commit, and compare ratios only within one run (README "Results").
@@ -150,7 +150,6 @@ def ldm_bench(argv):
 
 def fid_bench(argv):
     """eval_fid.py: img/s of features from uint8 32x32 tensors and from a PNG folder, the time of an n-sample FID."""
-    import numpy as np
     from PIL import Image
     import eval_fid
     n, batch = int(argv[0]) if argv else 50000, 200
@@ -177,23 +176,6 @@ def fid_bench(argv):
         t, ref = timed(lambda: eval_fid.compute_stats(x, model=model))
         t_fd, _ = timed(lambda: eval_fid.frechet_distance(*ref, *ref))
         print(f'eval_fid pytorch-fid: FID of {n} in-memory samples in {t + t_fd:.1f} s ({t_fd:.1f} s the distance)')
-        try:
-            from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
-            from pytorch_fid.inception import InceptionV3 as PytorchFidInception
-            pf = PytorchFidInception([3]).to(device).eval()
-        except Exception as e:
-            return print(f'pytorch-fid        : skipped ({type(e).__name__}: {e})')
-
-        @torch.no_grad()
-        def pf_stats():  # pytorch-fid's own loop, minus its DataLoader
-            f = torch.cat([pf(b.to(device).float() / 255)[0].flatten(1).cpu() for b in x.split(batch)]).numpy()
-            return f.mean(0), np.cov(f, rowvar=False)
-        t, _ = timed(pf_stats)
-        print(f'pytorch-fid        : {n / t:7.0f} img/s from in-memory uint8 32x32')
-        t, _ = timed(lambda: compute_statistics_of_path(folder, pf, batch, 2048, device, num_workers=8))
-        print(f'pytorch-fid        : {n_png / t:7.0f} img/s from a folder of {n_png} PNGs')
-        t, _ = timed(lambda: calculate_frechet_distance(*pf_stats(), *ref))
-        print(f'pytorch-fid        : FID of {n} in-memory samples in {t:.1f} s')
 
 
 BENCHES = dict(ddpm=ddpm_bench, vae=vae_bench, gan=gan_bench, flows=flows_bench, ldm=ldm_bench, fid=fid_bench)

@@ -6,9 +6,8 @@ then sample by running the learned reverse chain (Algorithm 2) from pure noise.
     python ddpm.py --dataset mnist --device cpu                        # CPU quick start (preset mnist-cpu)
     python ddpm.py --mode sample --out runs/ddpm-cifar10 --n-samples 50000   # PNGs + samples.npz for eval_fid.py
 
-Measured (README "Results"): the CPU quick start trains a 1.06M-parameter U-Net for 1,500 steps and samples 64
-recognisable digits in 8 minutes on 2 CPU cores. The Config defaults are the paper's CIFAR-10 model and recipe;
-the named presets at the end of --help shrink it for 28x28 data and for a CPU, and the start-up line says which.
+The Config defaults are the paper's CIFAR-10 model and recipe; named presets (end of --help) shrink it for 28x28 data
+and a CPU. Measured (README "Results"): the CPU quick start gives recognisable digits in 8 minutes on 2 CPU cores.
 """
 import copy, dataclasses, math
 from contextlib import nullcontext
@@ -28,7 +27,7 @@ import kernels
 class Config:
     mode: str = 'train'  # train | sample (from the checkpoint in --out)
     preset: str = ''  # named settings below the flags given (listed at the end of --help); '': from --dataset, device
-    dataset: str = 'cifar10'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of your own uint8 images (N, H, W, C)
+    dataset: str = 'cifar10'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of uint8 images (N, H, W, C)
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data; fetched if missing)
     out: str = ''  # run folder for checkpoint, grids and logs (default runs/ddpm-<dataset>)
     device: str = 'auto'  # auto | cuda | cpu | mps
@@ -213,22 +212,6 @@ class CrossAttention(nn.Module):
         return h + self.proj(a).transpose(1, 2).reshape(B, C, H, W)
 
 
-class Downsample(nn.Conv2d):
-    def __init__(self, ch):
-        super().__init__(ch, ch, 3, stride=2)
-
-    def forward(self, x):
-        return super().forward(F.pad(x, (0, 1, 0, 1)))  # TensorFlow's 'SAME' padding for a stride-2 conv, as the paper
-
-
-class Upsample(nn.Conv2d):
-    def __init__(self, ch):
-        super().__init__(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return super().forward(F.interpolate(x, scale_factor=2.0, mode='nearest'))
-
-
 def timestep_embedding(t, dim):
     """Transformer sinusoidal embedding of the (float) timestep, [sin, cos] halves as in the paper's code."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2 - 1))
@@ -251,7 +234,7 @@ class UNet(nn.Module):
                 c = ch * m
                 chans.append(c)
             if i < len(ch_mult) - 1:
-                self.down.append(Downsample(c))
+                self.down.append(nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c, c, 3, stride=2)))  # TF SAME
                 chans.append(c)
                 res //= 2
         self.mid = nn.ModuleList([ResBlock(c, c, tdim, dropout, True, context_dim),
@@ -262,7 +245,7 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(c + chans.pop(), ch * m, tdim, dropout, res in attn_res, context_dim))
                 c = ch * m
             if i > 0:
-                self.up.append(Upsample(c))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(c, c, 3, padding=1)))  # nearest
                 res *= 2
         self.norm_out, self.conv_out = GroupNorm(c), nn.Conv2d(c, in_ch, 3, padding=1)
         for mod in self.modules():  # the paper's init: Xavier-uniform weights, zero biases ...
@@ -389,13 +372,11 @@ def check(cfg, world=1):
     if cfg.batch_size % world:
         common.fail(f'--batch-size {cfg.batch_size} must be divisible by the {world} processes')
     if cfg.class_cond and cfg.dataset not in common.DATASETS:
-        common.fail('--class-cond 1 needs a labelled dataset (mnist, fashion-mnist, cifar10); an .npz of images has none')
-    if cfg.T < 2 or cfg.ch % 4:
-        common.fail(f'--T {cfg.T} must be >= 2 and --ch {cfg.ch} a multiple of 4')
+        common.fail('--class-cond 1 needs a labelled dataset (mnist, fashion-mnist, cifar10): an .npz has no labels')
+    if cfg.T < 2 or cfg.ch % 4 or (cfg.fid_every and cfg.fid_samples < 2):
+        common.fail(f'--T {cfg.T} must be >= 2, --ch {cfg.ch} a multiple of 4 and --fid-samples at least 2')
     if not -1 <= cfg.label < NUM_CLASSES:
         common.fail(f'--label {cfg.label}: a class 0..{NUM_CLASSES - 1}, or -1 to cycle through them')
-    if cfg.fid_every and cfg.fid_samples < 2:
-        common.fail(f'--fid-samples {cfg.fid_samples}: FID needs at least 2 samples (and thousands to mean much)')
 
 
 def train(cfg):
@@ -411,15 +392,14 @@ def train(cfg):
     x, y = x.to(device), (y.to(device) if cfg.class_cond else None)  # the whole uint8 dataset lives on the device
     shape = tuple(x.shape[1:])
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
-    model = make_model(cfg, shape[0], shape[1]).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)  # NHWC convolutions run faster on tensor cores
+    model = make_model(cfg, shape[0], shape[1]).to(device, memory_format=torch.channels_last if cuda else
+                                                   torch.preserve_format)  # NHWC: faster convolutions on tensor cores
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: sampling never uses dropout, on any rank
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
     if ckpt := common.resume(out, 'ddpm', cfg, MODEL_KEYS, RECIPE_KEYS):
         model.load_state_dict(ckpt['model']), ema.load_state_dict(ckpt['ema']), common.load_opt(opt, ckpt['opt'])
-    common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | U-Net '
-                  f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | steps '
+    n = sum(p.numel() for p in model.parameters())
+    common.print0(f'{cfg.dataset} {tuple(x.shape)} on {device} x{world} | U-Net {n:,} parameters | steps '
                   f'{ckpt["step"] if ckpt else 0} -> {cfg.steps}')
     ab = make_alpha_bar(cfg.schedule, cfg.T).float().to(device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
@@ -431,9 +411,8 @@ def train(cfg):
     params, ema_params = list(model.parameters()), list(ema.parameters())
 
     def save(step, clock):  # the loop calls it every --ckpt-every steps, at the end, before outputs, on Ctrl-C
-        common.save_ckpt(out / 'ckpt.pt', dict(script='ddpm', model=model.state_dict(), ema=ema.state_dict(),
-                                               opt=opt.state_dict(), step=step, clock=clock,
-                                               config=dataclasses.asdict(cfg)))
+        common.save_ckpt(out / 'ckpt.pt', dict(script='ddpm', model=model.state_dict(), ema=ema.state_dict(), step=step,
+                                               opt=opt.state_dict(), clock=clock, config=dataclasses.asdict(cfg)))
 
     start, clock = (ckpt['step'], ckpt.get('clock', 0.0)) if ckpt else (0, 0.0)
     with common.Loop(cfg, out, save, start, clock=clock, sample=cfg.sample_every, fid=cfg.fid_every) as loop:
@@ -490,8 +469,8 @@ def sample_from_checkpoint(cfg):
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv=argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/ddpm-{Path(cfg.dataset).name}')
-    check(cfg)
-    with common.script_guard():
+    with common.script_guard():  # (check first: a bad --dataset is one clear line too)
+        check(cfg)
         return dict(train=train, sample=sample_from_checkpoint)[cfg.mode](cfg)
 
 

@@ -9,8 +9,7 @@ Modes (their FIDs differ: say which one you report):
   clean        clean-fid's 'clean' mode (Parmar et al. 2022, arXiv:2104.11222, which shows how much that resize moves
                FID): PIL bicubic resize of each channel as float32 to 299, clip to [0, 255], then (x - 128) / 128.
 Network: pytorch-fid's port of the TF 2015-12-05 graph, weights pt_inception-2015-12-05-6726825d.pth (downloaded
-once into the cache) or --weights / $FID_WEIGHTS. Exact fp32 (TF32 off) by default; --fast runs bf16 and prints what
-that costs.
+once into the cache) or --weights / $FID_WEIGHTS. Always exact fp32 (TF32 off).
 Speed: python bench.py fid 50000. Conformance (tests/test_fid.py): pool3 features within 2e-6 (relative) of
 pytorch-fid 0.3.0's; FID of 500 vs 500 images within 6e-5 of pytorch-fid 0.3.0 and clean-fid 0.1.35 in each mode.
 """
@@ -273,10 +272,10 @@ def preprocess(x, mode):
 
 
 @contextlib.contextmanager
-def precision(fast):
-    """TF32 off for exact fp32 (PyTorch's cuDNN default is on), or on with bf16 autocast; restores the flags after."""
+def exact_fp32():
+    """TF32 off (PyTorch's cuDNN default is on: FID would move), cuDNN autotuning on; the flags restored after."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
     try:
         yield
@@ -285,7 +284,7 @@ def precision(fast):
 
 
 @torch.no_grad()
-def compute_features(images, mode='pytorch-fid', device=None, model=None, batch_size=200, fast=False):
+def compute_features(images, mode='pytorch-fid', device=None, model=None, batch_size=200):
     """Pool3 features, float64 (N, 2048), of uint8 images (N, C, H, W) with C in {1, 3} (1 is replicated to RGB)."""
     if mode not in MODES:
         raise ValueError(f'unknown mode {mode!r}: use one of {", ".join(MODES)}')
@@ -294,14 +293,14 @@ def compute_features(images, mode='pytorch-fid', device=None, model=None, batch_
     if model is None:
         model = load_inception(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     device, feats = next(model.parameters()).device, []
-    with precision(fast), torch.autocast(device.type, torch.bfloat16, enabled=fast):
+    with exact_fp32():
         for x in tqdm(images.split(batch_size), 'Inception features', disable=len(images) <= batch_size):
             x = x.to(device, non_blocking=True).expand(-1, 3, -1, -1)  # PIL's convert('RGB') copies L to R, G, B
             x = preprocess(x, mode)
             feats.append(model(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x).float())
     f = torch.cat(feats).cpu().double().numpy()
     if not np.isfinite(f).all():
-        raise ValueError('the Inception features contain NaN/inf: check the weights file, and try without --fast')
+        raise ValueError('the Inception features contain NaN/inf: check the weights file')
     return f
 
 
@@ -381,7 +380,7 @@ def image_chunks(spec, chunk=200):
     if str(spec).endswith('.npz'):
         x = read_npz(spec)
         if isinstance(x, tuple):
-            raise ValueError(f'{spec} holds statistics (mu, sigma), not images: KID, IS and --fast need images')
+            raise ValueError(f'{spec} holds statistics (mu, sigma), not images: KID and IS need images')
     elif is_dataset(spec):
         x = common.load_dataset(*str(spec).split(':', 1))[0]
     else:
@@ -392,20 +391,20 @@ def image_chunks(spec, chunk=200):
     yield x
 
 
-def input_features(spec, mode='pytorch-fid', device=None, model=None, batch_size=200, fast=False):
+def input_features(spec, mode='pytorch-fid', device=None, model=None, batch_size=200):
     """Pool3 features (N, 2048) of all images of a folder, an images .npz or a dataset:split."""
     if model is None:
         model = load_inception(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    return np.concatenate([compute_features(x, mode, model=model, batch_size=batch_size, fast=fast)
+    return np.concatenate([compute_features(x, mode, model=model, batch_size=batch_size)
                            for x in image_chunks(spec, batch_size)])
 
 
-def reference_stats(spec, mode='pytorch-fid', device=None, model=None, batch_size=200, fast=False):
+def reference_stats(spec, mode='pytorch-fid', device=None, model=None, batch_size=200):
     """(mu, sigma) of any CLI input; a dataset:split's are computed once, in exact fp32, and cached."""
     if str(spec).endswith('.npz') and isinstance(stats := read_npz(spec, mode), tuple):
         return stats
     if not is_dataset(spec):
-        return stats_of(input_features(spec, mode, device, model, batch_size, fast))
+        return stats_of(input_features(spec, mode, device, model, batch_size))
     if model is None:
         model = load_inception(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     cache = common.cache_dir() / f'fid-stats-{spec.replace(":", "-")}-{mode}-{model.weights_id}.npz'
@@ -453,16 +452,6 @@ def run_scorer(ref, dataset, x, device):
 # Command line
 
 
-def fast_deviation(paths, mode, model, n=1000):
-    """FID of the first n images of each input in bf16, minus the same in fp32 (a stats file is used as it is)."""
-    fids = []
-    for fast in (False, True):
-        stats = [read_npz(p, mode) if str(p).endswith('.npz') and isinstance(read_npz(p), tuple) else
-                 stats_of(compute_features(next(image_chunks(p, n))[:n], mode, model=model, fast=fast)) for p in paths]
-        fids.append(frechet_distance(*stats[0], *stats[1]))
-    return fids[1] - fids[0]
-
-
 def run(args):
     if args.batch_size < 1:
         raise ValueError(f'--batch-size {args.batch_size} must be >= 1')
@@ -474,7 +463,7 @@ def run(args):
     if args.inception_score and model.fc is None:
         raise ValueError(f'--is needs the 1008-class fc layer, which these weights lack: use pytorch-fid\'s complete '
                          f'{WEIGHTS_FILE} (--weights or $FID_WEIGHTS, or unset both to download it)')
-    kw = dict(mode=args.mode, model=model, batch_size=args.batch_size, fast=args.fast)
+    kw = dict(mode=args.mode, model=model, batch_size=args.batch_size)
     feats = [input_features(p, **kw) for p in args.paths] if args.kid or args.inception_score else None
     stats = [stats_of(f) for f in feats] if feats else [reference_stats(p, **kw) for p in args.paths]
     if args.save_stats:
@@ -485,9 +474,6 @@ def run(args):
         print('IS of %s: %.3f +- %.3f' % (p, *inception_score(logits)))
     if args.kid:
         print(f'KID: {kernel_distance(*feats):.6f}')
-    if args.fast:
-        deviation = fast_deviation(args.paths, args.mode, model)
-        print(f'--fast: on the first 1000 images per input, bf16 moved FID by {deviation:+.2e} from exact fp32')
     print(f'FID: {frechet_distance(*stats[0], *stats[1]):.6f}')
 
 
@@ -501,7 +487,6 @@ def main(argv=None):
     p.add_argument('--save-stats', metavar='OUT.npz', help='write mu and sigma of the one input (pytorch-fid\'s keys)')
     p.add_argument('--kid', action='store_true', help='also KID, on 100 subsets of min(1000, N) images as clean-fid')
     p.add_argument('--is', dest='inception_score', action='store_true', help='also IS (needs weights with fc)')
-    p.add_argument('--fast', action='store_true', help='bf16 autocast and TF32; prints its FID deviation from fp32')
     args = p.parse_args(argv)
     try:
         run(args)

@@ -375,8 +375,8 @@ def sample_from_checkpoint(cfg):
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv=argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/flows-{Path(cfg.dataset).name}')
-    check(cfg)
-    with common.script_guard():
+    with common.script_guard():  # (check first: a bad --dataset is one clear line too)
+        check(cfg)
         return dict(train=train, sample=sample_from_checkpoint)[cfg.mode](cfg)
 
 

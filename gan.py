@@ -284,8 +284,8 @@ def sample(cfg):
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, pick, argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/gan-{Path(cfg.dataset).name}')
-    check(cfg)
-    with common.script_guard():
+    with common.script_guard():  # (check first: a bad --dataset is one clear line too)
+        check(cfg)
         return dict(train=train, sample=sample)[cfg.mode](cfg)
 
 

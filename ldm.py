@@ -1,18 +1,15 @@
-"""Latent diffusion (Rombach et al. 2022, arXiv:2112.10752): stage 1 is vae.py's KL-regularised autoencoder
-(28x28 -> 7x7x4 on MNIST); stage 2 trains ddpm.py's U-Net on its latents, scaled to unit variance, with
-v-prediction (Salimans & Ho 2022, arXiv:2202.00512) and the cosine schedule. Samples are drawn in latent space with
-ddim.py's sampler (DDIM, or DDPM respaced to --sample-steps) and decoded; --cond class adds cross-attention to
-class-label context tokens.
+"""Latent diffusion (Rombach et al. 2022, arXiv:2112.10752): stage 1 is vae.py's KL-regularised autoencoder (28x28 ->
+7x7x4 on MNIST); stage 2 trains ddpm.py's U-Net on its latents, scaled to unit variance, with v-prediction (Salimans &
+Ho 2022, arXiv:2202.00512) and the cosine schedule, and samples them with ddim.py's sampler; --cond class adds
+cross-attention to class-label context tokens.
 
     python ldm.py --dataset mnist                          # both stages (reuses runs/vae-ae-mnist if it is there)
-    python ldm.py --dataset mnist --vae runs/vae-ae-mnist/ckpt.pt --cond class   # cross-attention, label dropout
-    torchrun --standalone --nproc_per_node=8 ldm.py --dataset cifar10
+    python ldm.py --dataset mnist --vae runs/vae-ae-mnist/ckpt.pt --cond class --out runs/ldm-mnist-class
     python ldm.py --mode sample --n-samples 10000 --sampler ddim --sample-steps 50   # samples.npz for eval_fid.py
-    python ldm.py --mode sample --label 7 --guidance 3 --out runs/ldm-mnist-class    # (a --cond class run)
+    python ldm.py --mode sample --label 7 --guidance 3 --out runs/ldm-mnist-class    # classifier-free guidance
     python ldm.py --mode reimagine                         # test latents noised to T/4 .. T, denoised, decoded
 
-Measured on 2 CPU cores (torch 2.13.0+cpu): both stages in one command in 7-8 minutes (preset cpu; stage 1, the
-autoencoder with its evaluation and the encoding, ~3.5 min; stage 2, 4,000 steps, ~4.5 min); recognisable digits.
+Measured on 2 CPU cores: both stages in one command in 7-8 minutes (preset mnist-cpu); recognisable digits.
 """
 import copy, dataclasses, hashlib, time
 from contextlib import nullcontext
@@ -83,8 +80,6 @@ class Config:
 CPU = dict(ch=32, num_res_blocks=1, dropout=0.0, steps=4000, lr=1e-3, warmup=200, ema=0.995, log_every=50,
            sample_every=0, ckpt_every=1000, fid_samples=1000)
 PRESETS = {'mnist': {}, 'cifar10': {}, 'mnist-cpu': CPU, 'cifar10-cpu': CPU}  # the defaults for any data; on a CPU
-
-
 MODEL_KEYS = ('dataset', 'cond', 'ch', 'ch_mult', 'num_res_blocks', 'attn_res', 'T', 'schedule', 'objective')
 RECIPE_KEYS = ('seed', 'batch_size', 'lr', 'warmup', 'grad_clip', 'ema', 'dropout', 'p_uncond')
 N_TOKENS = 4  # context tokens per class label
@@ -159,10 +154,7 @@ def latents(model, path, cfg, device):
         z = torch.cat([model.encode(xb.to(device).float() / 127.5 - 1).cpu()  # every rank: cheap, no waiting
                        for xb in tqdm(x.split(500), desc=f'encoding {len(x)} images')])
         common.atomic_write(cache, lambda f: torch.save(dict(z=z, y=y), f))
-    try:
-        d = torch.load(cache, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise common.DataError(f'{cache}: unreadable cached latents ({type(e).__name__}); delete it to encode again')
+    d = common.torch_load(cache, 'readable latent cache: delete it to encode again')
     return d['z'].to(device), d['y'].to(device)
 
 
@@ -183,7 +175,8 @@ def sample(model, ae, scale, zshape, cfg, start, n, generator, steps=None, sampl
     """Decoded samples start .. start + n - 1, uint8: z_T ~ N(0, I) from generator, the reverse process, decode."""
     z = torch.randn(n, *zshape, device=next(model.parameters()).device, generator=generator)
     ts = ddim.timesteps(cfg.T, steps or cfg.sample_steps, 'uniform')
-    z = reverse(model, z, ts, cfg, sampler or cfg.sampler, ddpm.labels(cfg.cond == 'class', cfg.label, start, n, z.device), generator)
+    y = ddpm.labels(cfg.cond == 'class', cfg.label, start, n, z.device)
+    z = reverse(model, z, ts, cfg, sampler or cfg.sampler, y, generator)
     return common.to_uint8(decode(ae, z, scale))
 
 
@@ -192,9 +185,9 @@ def sample(model, ae, scale, zshape, cfg, start, n, generator, steps=None, sampl
 
 
 def check(cfg, world=1, model_known=True):  # model_known: T and cond are this run's (not a checkpoint's yet)
-    common.check(cfg, dict(mode=('train', 'sample', 'reimagine'), cond=('none', 'class'), dataset=tuple(common.DATASETS),
+    common.check(cfg, dict(mode=('train', 'sample', 'reimagine'), cond=('none', 'class'), sampler=('ddim', 'ddpm'),
                            schedule=('linear', 'cosine', 'sigmoid'), objective=('v', 'eps', 'x0'),
-                           sampler=('ddim', 'ddpm')),
+                           dataset=tuple(common.DATASETS)),
                  positive=('ch', 'num_res_blocks', 'steps', 'batch_size', 'lr', 'warmup', 'log_every', 'ckpt_every',
                            'sample_steps', 'n_samples', 'sample_batch'),
                  nonnegative=('grad_clip', 'sample_every', 'fid_every', 'clip_limit', 'guidance'),
@@ -212,7 +205,7 @@ def check(cfg, world=1, model_known=True):  # model_known: T and cond are this r
     if not -1 <= cfg.label < ddpm.NUM_CLASSES or (unconditional and (cfg.label >= 0 or cfg.guidance != 1)):
         common.fail(f'--label {cfg.label} / --guidance {cfg.guidance}: need --cond class and a class 0..9 (or -1)')
     if cfg.batch_size % world or (cfg.fid_every and cfg.fid_samples < 2):
-        common.fail(f'--batch-size {cfg.batch_size} must divide by {world} processes; --fid-samples must be >= 2')
+        common.fail(f'--batch-size {cfg.batch_size} must divide by {world} processes, --fid-samples be >= 2')
 
 
 def train(cfg):
@@ -275,7 +268,7 @@ def train(cfg):
                 grid = draw(0, n, torch.Generator(device).manual_seed(cfg.seed))
                 common.save_grid(grid, out / f'samples_{loop.done:07d}.png', nrow=10 if cfg.cond == 'class' else 8)
             if cfg.fid_every and loop.due('fid') and rank == 0:
-                x_fid = common.sample_many(draw, cfg.fid_samples, cfg.sample_batch, cfg.seed, device, desc='FID samples')
+                x_fid = common.sample_many(draw, cfg.fid_samples, cfg.sample_batch, cfg.seed, device)
                 loop.write(f'fid{cfg.fid_samples} {scorer(x_fid):.4f}')
     common.print0(f'stage 2: {loop.clock - (ckpt["clock"] if ckpt else 0.0):.0f} s of training (no grids, FID) -> '
                   f'{out}/ckpt.pt; loss curve: python exercises/curves.py {out}')
@@ -318,7 +311,8 @@ def sample_mode(cfg):
     common.save_grid(torch.cat(grids), out / 'samplers.png', nrow=25)
     snaps, g = [], torch.Generator(device).manual_seed(cfg.seed)
     z = torch.randn(1, *zshape, device=device, generator=g)
-    reverse(model, z, list(range(cfg.T)), cfg, 'ddpm', ddpm.labels(cfg.cond == 'class', cfg.label, 0, 1, device), g, snaps)
+    reverse(model, z, list(range(cfg.T)), cfg, 'ddpm', ddpm.labels(cfg.cond == 'class', cfg.label, 0, 1, device), g,
+            snaps)
     keep = [round(i * cfg.T / 9) for i in range(10)]  # snapshot k holds z_{T-k}; the last is z_0
     common.save_grid(common.to_uint8(decode(ae, torch.cat([snaps[k] for k in keep]), scale)), out / 'reverse.png', 10)
     print(f'samplers.png: rows {", ".join(f"{s.upper()} {n} steps" for s, n in runs)}, the same 25 z_T; reverse.png: '

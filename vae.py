@@ -362,8 +362,8 @@ def from_checkpoint(cfg):
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, pick, argv)
     cfg = dataclasses.replace(cfg, out=cfg.out or f'runs/vae-{cfg.arch}-{Path(cfg.dataset).name}')
-    check(cfg)
-    with common.script_guard():
+    with common.script_guard():  # (check first: a bad --dataset is one clear line too)
+        check(cfg)
         return (train if cfg.mode == 'train' else from_checkpoint)(cfg)
 
 

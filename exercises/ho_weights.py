@@ -53,7 +53,7 @@ def from_diffusers(sd, levels, num_res_blocks):
                 block(f'{side}.{k}', f'{side}_blocks.{i}.resnets.{j}', f'{side}_blocks.{i}.attentions.{j}')
                 k += 1
             if i < levels - 1:
-                put(f'{side}.{k}', f'{side}_blocks.{i}.{side}samplers.0.conv')
+                put(f'{side}.{k}.1', f'{side}_blocks.{i}.{side}samplers.0.conv')
                 k += 1
     block('mid.0', 'mid_block.resnets.0', 'mid_block.attentions.0'), block('mid.1', 'mid_block.resnets.1')
     put('norm_out', 'conv_norm_out'), put('conv_out', 'conv_out')

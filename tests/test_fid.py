@@ -151,15 +151,14 @@ def test_folder_against_its_stats_file_is_zero(tmp_path, capsys):
 
 
 @needs_data
-def test_cli_kid_fast_bench_and_help(tmp_path, capsys):
+def test_cli_kid_bench_and_help(tmp_path, capsys):
     for name in ('cifarsub_train', 'cifarsub_test'):
         (tmp_path / name).mkdir()
         for i in range(3):
             shutil.copy(REF / name / f'{i:05d}.png', tmp_path / name)
-    *lines, last = cli(tmp_path / 'cifarsub_train', tmp_path / 'cifarsub_test', '--kid', '--fast', capsys=capsys)
+    *lines, last = cli(tmp_path / 'cifarsub_train', tmp_path / 'cifarsub_test', '--kid', capsys=capsys)
     fid, kid = float(last.removeprefix('FID: ')), float(lines[0].removeprefix('KID: '))
-    deviation = float(lines[1].split('by ')[1].split()[0])
-    assert fid > 0 and np.isfinite(kid) and abs(deviation) < 0.01 * fid, (fid, kid, deviation)
+    assert fid > 0 and np.isfinite(kid), (fid, kid)
     import bench
     bench.main(['fid', '4'])  # the GPU benchmark, tiny, on CPU
     bench = capsys.readouterr().out.splitlines()
@@ -168,7 +167,7 @@ def test_cli_kid_fast_bench_and_help(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_fid.main(['--help'])
     help_text = capsys.readouterr().out
-    assert all(w in help_text for w in ('pytorch-fid', 'clean', 'DDPM', 'EDM', 'bench.py fid', '--fast'))
+    assert all(w in help_text for w in ('pytorch-fid', 'clean', 'DDPM', 'EDM', 'bench.py fid', 'exact fp32'))
 
 
 @needs_data

@@ -96,7 +96,7 @@ def test_two_stages_write_checkpoints_grids_and_samples(stage1):
     assert cache[0].stat().st_mtime_ns == stamp  # the second run reused the cached latents
     good = cache[0].read_bytes()
     cache[0].write_bytes(good[:1000])
-    with pytest.raises(SystemExit, match='unreadable cached latents.*delete it'):
+    with pytest.raises(SystemExit, match='is not a readable latent cache: delete it'):
         ldm.main(TINY + ['--out', str(stage1 / 'run3'), '--vae', str(stage1 / 'vae' / 'ckpt.pt'), '--steps', '1'])
     cache[0].write_bytes(good)
     ldm.main(['--device', 'cpu', '--mode', 'sample', '--out', str(run), '--n-samples', '5', '--sample-batch', '2',
