@@ -48,7 +48,8 @@ def measure(what, model, step, batch, device, steps=50, bf16=False):
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params\n{flops / 1e9:.2f} GFLOP/step | '
           f'{1000 * dt:.1f} ms/step | {batch / dt:.0f} img/s | peak memory '
           f'{torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan"):.2f} GiB | '
-          f'{flops / dt / 1e12:.2f} TFLOP/s' + (f' | MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f}' if peak else ''))
+          f'{flops / dt / 1e12:.2f} TFLOP/s' +
+          (f' | MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f}' if peak else ''))
 
 
 def ddpm_bench(argv):
@@ -61,7 +62,8 @@ def ddpm_bench(argv):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=cuda or None)
     net = torch.compile(model) if cfg.compile and cuda else model
     amp = torch.autocast('cuda', torch.bfloat16) if cfg.bf16 and cuda else nullcontext()
-    ab, x0 = ddpm.make_alpha_bar(cfg.schedule, cfg.T).float().to(device), torch.rand(cfg.batch_size, C, H, H, device=device)
+    ab, x0 = ddpm.make_alpha_bar(cfg.schedule, cfg.T).float().to(device), torch.rand(cfg.batch_size, C, H, H,
+                                                                                    device=device)
 
     def step(model, eager=False):
         with amp:
@@ -79,7 +81,8 @@ def vae_bench(argv):
     device, (C, H, _) = common.setup(cfg.device)[0], common.image_shape(cfg)
     model = vae.VAE(cfg, C, H).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    xb = vae.to_model(torch.randint(0, 256, (cfg.batch_size, C, H, H), dtype=torch.uint8, device=device), cfg.likelihood)
+    xb = vae.to_model(torch.randint(0, 256, (cfg.batch_size, C, H, H), dtype=torch.uint8, device=device),
+                      cfg.likelihood)
 
     def step(model, eager=False):
         rec, kl = model(xb)
@@ -130,7 +133,8 @@ def ldm_bench(argv):
     device = str(next(model.parameters()).device)
     model.train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    ab, z = ddpm.make_alpha_bar(cfg.schedule, cfg.T).float().to(device), torch.randn(cfg.batch_size, *zshape, device=device)
+    ab = ddpm.make_alpha_bar(cfg.schedule, cfg.T).float().to(device)
+    z = torch.randn(cfg.batch_size, *zshape, device=device)
     y = ddpm.labels(cfg.cond == 'class', -1, 0, cfg.batch_size, device)
 
     def step(model, eager=False):

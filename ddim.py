@@ -153,14 +153,16 @@ def sample(model, x, mcfg, cfg, y=None, generator=None):
         ts = timesteps(mcfg.T, cfg.steps, cfg.spacing)
         if cfg.sampler == 'dpm++2m':
             return dpm_solver_2m(model, x, ts, ab, mcfg.objective, mcfg.clip, y, mcfg.guidance)
-        return ddim_sample(model, x, ts, ab, cfg.eta, mcfg.objective, mcfg.clip, y, mcfg.guidance, generator).clamp(-1, 1)
+        x = ddim_sample(model, x, ts, ab, cfg.eta, mcfg.objective, mcfg.clip, y, mcfg.guidance, generator)
+    return x.clamp(-1, 1)
 
 
 def draw(model, mcfg, cfg, shape, start, n, generator):
     """Samples start .. start + n - 1 (common.sample_many's batches), uint8: x_T drawn first from generator, so every
     sampler starts from the same x_T."""
     x = torch.randn(n, *shape, device=next(model.parameters()).device, generator=generator)
-    return common.to_uint8(sample(model, x, mcfg, cfg, ddpm.labels(mcfg.class_cond, mcfg.label, start, n, x.device), generator))
+    y = ddpm.labels(mcfg.class_cond, mcfg.label, start, n, x.device)
+    return common.to_uint8(sample(model, x, mcfg, cfg, y, generator))
 
 
 def slerp(z0, z1, a):  # spherical interpolation: Gaussian noises keep their norm ~ sqrt(d) along the path

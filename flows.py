@@ -28,7 +28,7 @@ import common
 class Config:
     mode: str = 'train'  # train (then test NLL, samples) | sample (from the checkpoint in --out)
     preset: str = ''  # named settings below the flags given (listed at the end of --help); '': from --dataset, device
-    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of your own uint8 images (N, H, W, C)
+    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of uint8 images (N, H, W, C)
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data; fetched if missing)
     out: str = ''  # run folder for checkpoint, grids and logs (default runs/flows-<dataset>)
     device: str = 'auto'  # auto | cuda | cpu | mps
@@ -276,6 +276,10 @@ def sample(flow, shape, alpha, temperature, start, n, generator):
 # Training
 
 
+def lr_at(step, lr, warmup, steps):  # a linear warm-up, then a cosine decay to 0 at the last step
+    return lr * min(1.0, (step + 1) / warmup) * (1 + math.cos(math.pi * step / steps)) / 2
+
+
 def check(cfg, world=1):
     common.check(cfg, dict(mode=('train', 'sample')),
                  positive=('ch', 'blocks', 'scales', 'steps', 'batch_size', 'lr', 'warmup', 'grad_clip', 'log_every',
@@ -328,7 +332,7 @@ def train(cfg):
     with common.Loop(cfg, out, save, ckpt['step'] if ckpt else 0, sample=cfg.sample_every, fid=cfg.fid_every) as loop:
         for step in loop:
             for group in opt.param_groups:
-                group['lr'] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (1 + math.cos(math.pi * step / cfg.steps)) / 2
+                group['lr'] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             xb = dequantise(x[torch.randint(len(x), (cfg.batch_size // world,), device=device)])
             if cfg.flip:
                 xb = torch.where(torch.rand(len(xb), 1, 1, 1, device=device) < 0.5, xb.flip(3), xb)

@@ -27,7 +27,7 @@ import common
 class Config:
     mode: str = 'train'  # train | sample (from the checkpoint in --out)
     preset: str = ''  # named settings below the flags given (listed at the end of --help); '': from the flags, device
-    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset (NOT CIFAR-10) | an .npz of your own uint8 images (N, H, W, C)
+    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset (not CIFAR-10) | an .npz of uint8 images
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data; fetched if missing)
     out: str = ''  # run folder (default runs/gan-<dataset>)
     device: str = 'auto'  # auto | cuda | cpu | mps
@@ -65,7 +65,8 @@ PRESETS.update({f'{k}-cpu': dict(p, ch=32, steps=6000, ckpt_every=1000, fid_samp
 
 
 def pick(v):  # the preset when --preset is not given: by the data's size and --loss (and -cpu on a CPU)
-    return ('mnist' if v['dataset'] in ('mnist', 'fashion-mnist') else 'cifar10') + '-wgan-gp' * (v['loss'] == 'wgan-gp')
+    name = 'mnist' if v['dataset'] in ('mnist', 'fashion-mnist') else 'cifar10'
+    return name + '-wgan-gp' * (v['loss'] == 'wgan-gp')
 
 
 MODEL_KEYS = ('dataset', 'loss', 'z_dim', 'ch')

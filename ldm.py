@@ -302,32 +302,33 @@ def sample_mode(cfg):
     DDIM (10..100 steps); reverse.png: one DDPM chain, z_t decoded at ten t from T to 0."""
     model, ae, scale, zshape, cfg = load(cfg)
     out, device = Path(cfg.out), next(model.parameters()).device
-    x = common.sample_many(partial(sample, model, ae, scale, zshape, cfg), cfg.n_samples, cfg.sample_batch, cfg.seed,
-                           device)
+    draw = partial(sample, model, ae, scale, zshape, cfg)
+    x = common.sample_many(draw, cfg.n_samples, cfg.sample_batch, cfg.seed, device)
     common.write_samples(x, out, 'samples', cfg.save)
     runs = [('ddpm', cfg.T)] + [('ddim', s) for s in (10, 20, 50, 100) if s <= cfg.T]
-    grids = [sample(model, ae, scale, zshape, cfg, 0, 25, torch.Generator(device).manual_seed(cfg.seed), steps, sampler)
-             for sampler, steps in runs]  # the same z_T for every sampler
+    grids = [draw(0, 25, torch.Generator(device).manual_seed(cfg.seed), n, s) for s, n in runs]  # the same z_T
     common.save_grid(torch.cat(grids), out / 'samplers.png', nrow=25)
-    snaps, g = [], torch.Generator(device).manual_seed(cfg.seed)
-    z = torch.randn(1, *zshape, device=device, generator=g)
-    reverse(model, z, list(range(cfg.T)), cfg, 'ddpm', ddpm.labels(cfg.cond == 'class', cfg.label, 0, 1, device), g,
-            snaps)
+    snaps, g, y = [], torch.Generator(device).manual_seed(cfg.seed), ddpm.labels(cfg.cond == 'class', cfg.label, 0, 1,
+                                                                                  device)
+    reverse(model, torch.randn(1, *zshape, device=device, generator=g), list(range(cfg.T)), cfg, 'ddpm', y, g, snaps)
     keep = [round(i * cfg.T / 9) for i in range(10)]  # snapshot k holds z_{T-k}; the last is z_0
     common.save_grid(common.to_uint8(decode(ae, torch.cat([snaps[k] for k in keep]), scale)), out / 'reverse.png', 10)
-    print(f'samplers.png: rows {", ".join(f"{s.upper()} {n} steps" for s, n in runs)}, the same 25 z_T; reverse.png: '
-          f'z_t decoded at t = {", ".join(str(cfg.T - k) for k in keep)}')
+    print(f'samplers.png: rows {", ".join(f"{s} {n}" for s, n in runs)} steps from the same 25 z_T; reverse.png')
+
+
+def test_images(cfg, n, device):
+    """The first n test images in [-1, 1] and, for --cond class, their labels (or --label), both on device."""
+    x, y = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None)
+    y = None if cfg.cond == 'none' else y[:n] if cfg.label < 0 else torch.full((n,), cfg.label)
+    return x[:n].to(device).float() / 127.5 - 1, y if y is None else y.to(device)
 
 
 @torch.no_grad()
 def reimagine(cfg):
-    """Exercise (bonus): noise test latents to t = T/4, T/2, 3T/4, T and denoise with DDPM (every step) and DDIM
-    (10, 20, 50, 100 steps). Rows: image x level; columns: input, decoded z_t, DDPM, DDIM-10 .. DDIM-100."""
+    """Exercise: test latents noised to t = T/4 .. T, denoised by DDPM (every step) and DDIM (10 .. 100 steps)."""
     model, ae, scale, zshape, cfg = load(cfg)
     out, device = Path(cfg.out), next(model.parameters()).device
-    x, y = common.load_dataset(cfg.dataset, 'test', cfg.data_dir or None)
-    x, y = x[:4].float().to(device) / 127.5 - 1, y[:4].to(device)
-    y = None if cfg.cond == 'none' else y if cfg.label < 0 else torch.full_like(y, cfg.label)
+    x, y = test_images(cfg, 4, device)
     z0, ab, rows = ae.encode(x) * scale, ddpm.make_alpha_bar(cfg.schedule, cfg.T), []
     for t0 in [round(f * cfg.T) - 1 for f in (0.25, 0.5, 0.75, 1.0)]:
         g = torch.Generator(device).manual_seed(cfg.seed)
@@ -343,8 +344,8 @@ def reimagine(cfg):
             common.save_grid(common.to_uint8(decode(ae, torch.cat([snaps[k][:1] for k in keep]), scale)),
                              out / 'reimagine_path.png', 10)
     common.save_grid(common.to_uint8(torch.stack(rows, 1).flatten(0, 2)), out / 'reimagine.png', 7)  # image-major
-    print(f'wrote {out}/reimagine.png (rows: 4 test images x t = T/4, T/2, 3T/4, T; columns: input, decoded z_t, '
-          f'DDPM, DDIM 10/20/50/100 steps) and reimagine_path.png (DDPM from T/2, decoded at 10 points)')
+    print(f'wrote {out}/reimagine.png (rows: 4 test images x t = T/4 .. T; columns: input, decoded z_t, DDPM, DDIM 10, '
+          f'20, 50, 100 steps), reimagine_path.png (DDPM from T/2)')
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ import common
 class Config:
     mode: str = 'train'  # train | eval | sample | interp (the last three read --out/ckpt.pt)
     preset: str = ''  # named settings below the flags given (listed at the end of --help); '': from the flags, device
-    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of your own uint8 images (N, H, W, C)
+    dataset: str = 'mnist'  # mnist | fashion-mnist | cifar10 | cifar10-subset | an .npz of uint8 images (N, H, W, C)
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data)
     out: str = ''  # run folder (default runs/vae-<arch>-<dataset>)
     device: str = 'auto'  # auto | cuda | cpu | mps

@@ -1,9 +1,6 @@
-"""Training curves of runs, read from their log.txt: every logged value against steps, one panel per quantity (the
-exercises' loss curves: vae.py's reconstruction and KL apart, ldm.py's denoiser loss, gan.py's losses, D outputs,
-gradient norms and FID). The other exercises import pyplot, read_log and plot_logs from here.
-
-    python exercises/curves.py runs/vae-mlp-mnist                        # -> runs/vae-mlp-mnist/curves.png
-    python exercises/curves.py runs/gan-mnist runs/gan-wgan --out versus.png
+"""Training curves of runs from their log.txt, one panel per logged quantity (the exercises' loss curves: vae.py's
+reconstruction and KL apart, ldm.py's denoiser loss, gan.py's losses, D outputs, gradient norms and FID).
+    python exercises/curves.py runs/vae-mlp-mnist          # -> runs/vae-mlp-mnist/curves.png
 """
 import argparse, os, re, sys
 from pathlib import Path
@@ -19,7 +16,8 @@ def pyplot():
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    plt.rcParams.update({'figure.dpi': 110, 'axes.grid': True, 'grid.alpha': 0.3, 'figure.constrained_layout.use': True})
+    plt.rcParams.update({'figure.dpi': 110, 'axes.grid': True, 'grid.alpha': 0.3,
+                         'figure.constrained_layout.use': True})
     return plt
 
 

@@ -1,12 +1,7 @@
-"""Exercise: DDIM and DPM-Solver++ against the number of steps, on one ddpm.py checkpoint and no retraining. The same
-x_T through S in --grid-steps with DDIM eta = 0, eta = 1 and DPM-Solver++(2M) (sweep.png; eta = 1 at S = T is DDPM's
-Algorithm 2), and with --fid-samples N the FID of N samples per (sampler, S) against --fid-ref (fid_steps.csv).
-
-    python exercises/ddim_steps.py --out runs/ddpm-mnist                          # sweep.png: rows S, 3 x 8 columns
+"""Exercise: samplers against the number of steps on one ddpm.py checkpoint. The same x_T through S in --grid-steps with
+DDIM eta = 0, eta = 1 (DDPM's Algorithm 2 at S = T) and DPM-Solver++(2M) (sweep.png); with --fid-samples N, the FID
+of N samples per (sampler, S) against --fid-ref (fid_steps.csv; torchrun shards the samples).
     python exercises/ddim_steps.py --out runs/ddpm-mnist --grid-steps 10,20,50 --fid-samples 2000 --fid-ref mnist:test
-    torchrun --standalone --nproc_per_node=8 exercises/ddim_steps.py --out runs/ddpm-cifar10 --fid-samples 50000
-
-Measured (README "ddim.py"): the second command on the CPU quick-start model, 83 min on 2 CPU cores.
 """
 import os, sys
 from dataclasses import dataclass, replace

@@ -34,7 +34,7 @@ def main(argv=None):
     out, g = Path(cfg.out), torch.Generator().manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     x0 = x[torch.randperm(len(x), generator=g)[:512]].float() / 127.5 - 1
-    ab = torch.cat([torch.ones(1), ddpm.make_alpha_bar(cfg.schedule, cfg.T).float()])  # ab[t] for the paper's t; ab[0]=1
+    ab = torch.cat([torch.ones(1), ddpm.make_alpha_bar(cfg.schedule, cfg.T).float()])  # ab[t], paper's t
     ts = [t for t in (0, 100, 250, 500, 750, 999) if t <= cfg.T]
     eps = torch.randn(x0.shape, generator=g)
     xts = [ddpm.q_sample(x0, ab[t], eps) for t in ts]

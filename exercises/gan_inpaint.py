@@ -1,13 +1,10 @@
-"""Exercise: inpainting with a GAN, masked squared error alone against it plus an adversarial term. The generator is a
-small ddpm.py U-Net g(x (1 - m), m) that never sees the masked pixels; the in-filled image is x' = (1 - m) x +
-m tanh(g(.)), with m a random square of a quarter of the image. A gan.py discriminator tells real images from
-in-filled ones; the generator's loss is the masked MSE plus --adv-weight times gan.py's non-saturating loss. Both
-runs train with every other flag equal (gan.py's flags; n_critic 1, --loss bce), then the first --fid-samples test
-images are in-filled: masked-region MSE and FID for each, and inpaint_test.png (masked, each fill, original).
-
+"""Exercise: inpainting, masked MSE alone against MSE + --adv-weight x gan.py's adversarial loss, all else equal. The
+generator, a small ddpm.py U-Net g(x (1 - m), m), never sees the masked pixels: x' = (1 - m) x + m tanh(g(.)), m a
+random quarter-size square; a gan.py discriminator judges real against in-filled images. Then the first
+--fid-samples test images are in-filled: masked MSE and FID of each, and inpaint_test.png.
     python exercises/gan_inpaint.py --dataset mnist --device cpu --ch 16 --steps 4000    # README "gan.py"
 """
-import argparse, copy, dataclasses, json, os, sys
+import argparse, copy, dataclasses, os, sys
 from pathlib import Path
 
 import torch
@@ -59,8 +56,6 @@ def train(cfg, adv_weight, x_test):
     if ckpt := common.resume(out, 'gan-inpaint', cfg, gan.MODEL_KEYS, gan.RECIPE_KEYS):
         G.load_state_dict(ckpt['G']), D.load_state_dict(ckpt['D']), ema.load_state_dict(ckpt['ema'])
         common.load_opt(opt_g, ckpt['opt_g']), common.load_opt(opt_d, ckpt['opt_d'])
-    if rank == 0:
-        (out / 'config.json').write_text(json.dumps(dict(dataclasses.asdict(cfg), adv_weight=adv_weight), indent=1))
     if cfg.fid_every and rank == 0:
         import eval_fid
         scorer = eval_fid.run_scorer(cfg.fid_ref, cfg.dataset, x, device)
@@ -132,7 +127,8 @@ def main(argv=None):
     for label, G in Gs.items():  # the error is 0 on the known pixels, and a quarter of them is masked
         err = (fill(G, x_test, cfg.seed).float() - x_test.cpu().float()) / 127.5
         fid = read_log(out / label / 'log.txt')['FID'][1][-1]
-        lines.append(f'{label:10s} | FID-{len(x_test)} {fid:.2f} | masked MSE {err.pow(2).sum() / (err.numel() / 4):.4f}'
+        mse = err.pow(2).sum() / (err.numel() / 4)
+        lines.append(f'{label:10s} | FID-{len(x_test)} {fid:.2f} | masked MSE {mse:.4f}'
                      f' ([-1, 1], {len(x_test)} test images)')
     common.save_grid(rows(list(Gs.values()), x_test[:16], cfg.seed), out / 'inpaint_test.png', 16)
     (out / 'inpaint.txt').write_text('\n'.join(lines) + '\n')

@@ -1,11 +1,7 @@
-"""Exercises: two gan.py runs that differ in one setting, with every other flag equal, compared. --study beta1 (Adam
-beta1 0.5, DCGAN's choice, against 0.9) or versus (the non-saturating BCE GAN against WGAN-GP after the same number
-of epochs: pass --epochs, so D sees every training image as often in both). Each run trains into <out>/<label> (one
-that is there already is continued, or only read if finished) with FID at least at its end; then <study>.txt gets
-the final FIDs and <study>.png the losses, D outputs, gradient norms and FID against steps.
-
-    python exercises/gan_study.py --study beta1 --dataset mnist --device cpu              # README: 12 min 41 s
-    python exercises/gan_study.py --study versus --epochs 5 --dataset mnist --device cpu  # README: 12 min 4 s
+"""Exercises: two gan.py runs, every flag equal but one. --study beta1 (Adam beta1 0.5, DCGAN's, against 0.9) or versus
+(BCE against WGAN-GP after the same --epochs: D sees every image as often in both). Each run trains into <out>/<label>
+(continued, or only read if finished) with FID at least at its end; <study>.txt and <study>.png compare them.
+    python exercises/gan_study.py --study versus --epochs 5 --dataset mnist --device cpu  # README: 12 min
 """
 import argparse, dataclasses, os, sys
 from pathlib import Path

@@ -1,12 +1,7 @@
-"""Exercise: sample from Ho et al.'s own CIFAR-10 model. Their released weights (google/ddpm-cifar10-32, in diffusers'
-UNet2DModel layout: config.json + diffusion_pytorch_model.safetensors or .bin) are mapped onto ddpm.UNet and written
-as a ddpm.py checkpoint, which ddim.py and ddpm.py --mode sample then use like any other run.
-
-    python exercises/ho_weights.py google-ddpm-cifar10-32/ --out runs/ho
-    python ddim.py --out runs/ho --steps 50 --n-samples 50000 --save npz    # then eval_fid.py on the .npz
-
-tests/test_ddim.py checks the mapping against diffusers' own UNet2DModel on random weights (same outputs to fp32
-tolerance): writing a second U-Net by hand to check the first would prove nothing.
+"""Exercise: Ho et al.'s own CIFAR-10 model. Their released weights (google/ddpm-cifar10-32: diffusers' UNet2DModel
+layout) are mapped onto ddpm.UNet and written as a ddpm.py checkpoint that ddim.py and ddpm.py sample like any run.
+    python exercises/ho_weights.py google-ddpm-cifar10-32/ --out runs/ho && python ddim.py --out runs/ho --steps 50
+tests/test_ddim.py checks the mapping against diffusers' own UNet2DModel on random weights.
 """
 import dataclasses, json, os, sys
 from dataclasses import dataclass

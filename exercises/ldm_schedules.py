@@ -1,8 +1,5 @@
-"""Exercise: the noise schedule in latent space at T = 10. beta_t and alpha_bar_t (and SNR) of the linear and cosine
-schedules at T = 10 (schedules.csv, schedules.png), and one test image's latent from an ldm.py run noised to t = 1..10
-by each (the same eps), decoded by its autoencoder (schedules_T10.png): at T = 10 the linear schedule never gets far
-from the data (alpha_bar_T = 0.90), the cosine one reaches noise.
-
+"""Exercise: linear and cosine schedules at T = 10 in latent space: beta_t, alpha_bar_t and SNR (schedules.csv/.png),
+and one test latent of an ldm.py run noised to t = 1..10 by each and decoded (schedules_T10.png).
     python exercises/ldm_schedules.py --out runs/ldm-mnist
 """
 import os, sys
@@ -28,11 +25,12 @@ class Config:
 def main(argv=None):
     cfg = common.parse_config(Config, argv=argv)
     with common.script_guard():
-        model, ae, scale, zshape, lcfg = ldm.load(ldm.Config(mode='sample', out=cfg.out, device=cfg.device, sample_steps=1,
-                                                             seed=cfg.seed, data_dir=cfg.data_dir))
+        lcfg = ldm.Config(mode='sample', out=cfg.out, device=cfg.device, sample_steps=1, seed=cfg.seed,
+                          data_dir=cfg.data_dir)
+        model, ae, scale, zshape, lcfg = ldm.load(lcfg)
         schedules.figures(10, cfg.out)
         device = next(model.parameters()).device
-        x = common.load_dataset(lcfg.dataset, 'test', cfg.data_dir or None)[0][:1].float().to(device) / 127.5 - 1
+        x = ldm.test_images(lcfg, 1, device)[0]
     z0 = ae.encode(x) * scale
     eps = torch.randn(z0.shape, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
     rows = [torch.cat([x] + [ldm.decode(ae, ddpm.q_sample(z0, ab.float(), eps), scale)

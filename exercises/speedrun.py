@@ -1,13 +1,8 @@
-"""Speedrun: the best Fashion-MNIST model in 5 GPU-minutes. Trains ddpm.py with the RECIPE flags for --time-budget
-300 seconds of training (start-up, checkpoints and grids are not counted; the clock lives in the checkpoint, so a
-killed run resumes with the time it has left and a finished one goes straight to sampling), draws --fid-samples EMA
-samples with the fast sampler below and scores them against the training set (eval_fid.py, pytorch-fid, fp32).
-
+"""Speedrun: the best Fashion-MNIST model in 5 GPU-minutes. ddpm.py with the RECIPE flags for --time-budget 300 s of
+training (the clock lives in the checkpoint: a killed run resumes with the time it has left, a finished one samples),
+then --fid-samples EMA samples with the fast sampler below, scored against the training set (pytorch-fid, fp32).
     python exercises/speedrun.py                                  # budget, steps, img/s, sampling time, FID-10k
     python exercises/speedrun.py --train "--objective v" --out runs/speedrun-v   # an ablation: any ddpm.py flag
-
-The bar (README "Speedrun"): diffusers' UNet2DModel trained the way its examples train for 300 s on one H100 scores
-FID-10k 15.65 with 50 DDIM steps; the target is <= 7.8, sampling <= 30 s. Not yet measured on a GPU.
 """
 import dataclasses, os, shlex, sys, time
 from dataclasses import dataclass

@@ -1,12 +1,7 @@
-"""Exercises: one vae.py model per value of a flag, then a table and figures. --sweep beta (beta-VAE: beta in {0.1, 1,
-5, 20}), latent (the latent size) or arch (MLP against convolutional); every other vae.py flag (--epochs 10,
---dataset cifar10-subset, ...) applies to every model. Each model trains into <out>/<flag>-<value>; one that is
-there already is continued (--resume 1) or, if finished, only evaluated, so an interrupted sweep picks up again.
-
+"""Exercises: one vae.py model per value of --sweep beta (beta-VAE), latent (its size) or arch (MLP against conv), every
+other vae.py flag equal; each in <out>/<flag>-<value> (continued, or only evaluated if finished). Writes sweep.csv
+(recon, KL, -ELBO, IWAE, MSE, PSNR, active units, diversity), sweep.png and sweep_grids.png.
     python exercises/vae_sweep.py --sweep beta --device cpu --epochs 10 --eval-n 2000   # README's table, 5 min
-    python exercises/vae_sweep.py --sweep latent --dataset cifar10-subset --arch conv    # the subset, not CIFAR-10
-
-Writes sweep.csv (recon, KL, -ELBO, IWAE, MSE, PSNR, active units, diversity), sweep.png and sweep_grids.png.
 """
 import argparse, dataclasses, os, sys
 from pathlib import Path

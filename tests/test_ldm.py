@@ -214,3 +214,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(stage1, tmp_path):
     ldm.main(TINY + ['--out', str(tmp_path), '--vae', str(stage1 / 'vae' / 'ckpt.pt'), '--steps', str(step + 1),
                      '--resume', '1'])
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == step + 1
+
+
+def test_test_images_and_labels_land_on_the_device():
+    # reimagine once moved the labels to x.device before x had moved (a crash on CUDA that no CPU run shows); the meta
+    # device shows where each tensor went without a GPU
+    for cond, label in (('class', -1), ('class', 7), ('none', -1)):
+        x, y = ldm.test_images(ldm.Config(cond=cond, label=label), 3, 'meta')
+        assert x.device.type == 'meta' and x.shape == (3, 1, 28, 28)
+        assert (y is None) == (cond == 'none') and (y is None or (y.device.type == 'meta' and y.shape == (3,)))
