@@ -24,21 +24,26 @@ import common
 PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}  # dense, NVIDIA's sheets
 
 
-def measure(what, model, step, batch, device, steps=50, bf16=False):
-    """step(model) is one training step; its FLOPs are counted once (eager), then `steps` of them are timed after 3
-    warm-up steps (compilation, cuDNN autotuning). Prints one line."""
+def measure(what, model, opt, loss, batch, device, steps=50, bf16=False):
+    """A training step is loss(eager) (eager: the uncompiled model), backward, opt.step(); its FLOPs are counted once
+    (eager), then `steps` of them are timed after 3 warm-up steps (compilation, cuDNN autotuning). Prints one line."""
     cuda = 'cuda' in device
+
+    def step(eager=False):
+        opt.zero_grad(set_to_none=True)
+        loss(eager).backward()
+        opt.step()
     with FlopCounterMode(display=False) as counter:
-        step(model, eager=True)
+        step(eager=True)
     steps = steps if cuda else 3
     for _ in range(3 if cuda else 1):
-        step(model)
+        step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step(model)
+        step()
     if cuda:
         torch.cuda.synchronize()
     dt, flops = (time.perf_counter() - t0) / steps, counter.get_total_flops()
@@ -65,13 +70,10 @@ def ddpm_bench(argv):
     ab, x0 = ddpm.make_alpha_bar(cfg.schedule, cfg.T).float().to(device), torch.rand(cfg.batch_size, C, H, H,
                                                                                     device=device)
 
-    def step(model, eager=False):
+    def loss(eager):
         with amp:
-            loss = ddpm.loss_fn(model if eager else net, x0 * 2 - 1, None, ab, cfg.objective)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    measure(f'ddpm {cfg.dataset} (preset {cfg.preset}) compile {int(cfg.compile and cuda)}', model, step,
+            return ddpm.loss_fn(model if eager else net, x0 * 2 - 1, None, ab, cfg.objective)
+    measure(f'ddpm {cfg.dataset} (preset {cfg.preset}) compile {int(cfg.compile and cuda)}', model, opt, loss,
             cfg.batch_size, device, bf16=cfg.bf16)
 
 
@@ -84,12 +86,10 @@ def vae_bench(argv):
     xb = vae.to_model(torch.randint(0, 256, (cfg.batch_size, C, H, H), dtype=torch.uint8, device=device),
                       cfg.likelihood)
 
-    def step(model, eager=False):
+    def loss(eager):
         rec, kl = model(xb)
-        opt.zero_grad(set_to_none=True)
-        (kl - rec).mean().backward()
-        opt.step()
-    measure(f'vae {cfg.arch} {cfg.dataset} (preset {cfg.preset})', model, step, cfg.batch_size, device, steps=20)
+        return (kl - rec).mean()  # -ELBO
+    measure(f'vae {cfg.arch} {cfg.dataset} (preset {cfg.preset})', model, opt, loss, cfg.batch_size, device, steps=20)
 
 
 def gan_bench(argv):
@@ -116,13 +116,8 @@ def flows_bench(argv):
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
     net = torch.compile(flow) if cfg.compile and 'cuda' in device else flow
     x = torch.rand(cfg.batch_size, *shape, device=device) * 256
-
-    def step(model, eager=False):
-        loss = flows.nll(model if eager else net, x, cfg.alpha).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    measure(f'flows {cfg.dataset} (preset {cfg.preset})', flow, step, cfg.batch_size, device, steps=20)
+    loss = lambda eager: flows.nll(flow if eager else net, x, cfg.alpha).mean()
+    measure(f'flows {cfg.dataset} (preset {cfg.preset})', flow, opt, loss, cfg.batch_size, device, steps=20)
 
 
 def ldm_bench(argv):
@@ -136,13 +131,8 @@ def ldm_bench(argv):
     ab = ddpm.make_alpha_bar(cfg.schedule, cfg.T).float().to(device)
     z = torch.randn(cfg.batch_size, *zshape, device=device)
     y = ddpm.labels(cfg.cond == 'class', -1, 0, cfg.batch_size, device)
-
-    def step(model, eager=False):
-        loss = ddpm.loss_fn(model, z, y, ab, cfg.objective)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    measure(f'ldm latents {zshape}', model, step, cfg.batch_size, device, steps=10)
+    loss = lambda eager: ddpm.loss_fn(model, z, y, ab, cfg.objective)
+    measure(f'ldm latents {zshape}', model, opt, loss, cfg.batch_size, device, steps=10)
     sync = torch.cuda.synchronize if 'cuda' in device else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -177,7 +167,7 @@ def fid_bench(argv):
             print(f'eval_fid {mode:11s}: {n / t:7.0f} img/s from in-memory uint8 32x32 on {device}')
         t, _ = timed(lambda: eval_fid.input_features(folder, model=model, batch_size=batch))
         print(f'eval_fid pytorch-fid: {n_png / t:7.0f} img/s from a folder of {n_png} PNGs')
-        t, ref = timed(lambda: eval_fid.compute_stats(x, model=model))
+        t, ref = timed(lambda: eval_fid.stats_of(eval_fid.compute_features(x, model=model)))
         t_fd, _ = timed(lambda: eval_fid.frechet_distance(*ref, *ref))
         print(f'eval_fid pytorch-fid: FID of {n} in-memory samples in {t + t_fd:.1f} s ({t_fd:.1f} s the distance)')
 

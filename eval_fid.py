@@ -4,14 +4,12 @@ clean-fid; also KID (Binkowski et al. 2018, arXiv:1801.01401) and IS (Salimans e
     python eval_fid.py samples.npz stats.npz --mode clean --kid
     python eval_fid.py cifar10:train --save-stats cifar10-train.npz     # mu, sigma in pytorch-fid's format
 Modes (their FIDs differ: say which one you report):
-  pytorch-fid  default. PIL -> RGB -> [0, 1], bilinear resize to 299 inside the net (F.interpolate, no antialiasing),
-               2x - 1. The TF/pytorch-fid FID that DDPM, improved DDPM, ADM, EDM and most diffusion papers report.
-  clean        clean-fid's 'clean' mode (Parmar et al. 2022, arXiv:2104.11222, which shows how much that resize moves
-               FID): PIL bicubic resize of each channel as float32 to 299, clip to [0, 255], then (x - 128) / 128.
-Network: pytorch-fid's port of the TF 2015-12-05 graph, weights pt_inception-2015-12-05-6726825d.pth (downloaded
-once into the cache) or --weights / $FID_WEIGHTS. Always exact fp32 (TF32 off).
-Speed: python bench.py fid 50000. Conformance (tests/test_fid.py): pool3 features within 2e-6 (relative) of
-pytorch-fid 0.3.0's; FID of 500 vs 500 images within 6e-5 of pytorch-fid 0.3.0 and clean-fid 0.1.35 in each mode.
+  pytorch-fid  default: [0, 1], bilinear resize to 299 without antialiasing, 2x - 1. What DDPM, ADM, EDM report.
+  clean        clean-fid (Parmar et al. 2022, arXiv:2104.11222): PIL bicubic resize of each channel as float32, clip
+               to [0, 255], (x - 128) / 128.
+Network: pytorch-fid's port of the TF 2015-12-05 graph (pt_inception-2015-12-05-6726825d.pth, downloaded once, or
+--weights / $FID_WEIGHTS), always exact fp32. Speed: python bench.py fid. Conformance (tests/test_fid.py): FID of 500
+vs 500 images within 6e-5 of pytorch-fid 0.3.0 and clean-fid 0.1.35 in each mode.
 """
 import argparse, contextlib, hashlib, os, time
 from concurrent.futures import ThreadPoolExecutor
@@ -201,19 +199,19 @@ class InceptionV3(nn.Module):
         return x.mean((2, 3))
 
 
-def load_inception(weights=None, device='cpu'):
-    """The FID Inception in eval mode, fp32: weights from a path, $FID_WEIGHTS, or pytorch-fid's release (cached)."""
-    path = weights or os.environ.get('FID_WEIGHTS')
-    if path is None:
-        path = common.cache_dir() / WEIGHTS_FILE
-        if not path.exists():
-            print(f'downloading the FID Inception weights to {path}')
-            try:
-                common.download(WEIGHTS_URL + WEIGHTS_FILE, path, 'sha256:' + WEIGHTS_SHA256)
-            except OSError as e:  # offline, or the release moved
-                raise ValueError(f'could not download {WEIGHTS_URL + WEIGHTS_FILE} ({e}); fetch it by hand and give '
-                                 f'its path to --weights or $FID_WEIGHTS') from None
-    if not os.path.isfile(path):
+def load_inception(weights=None, device=None):
+    """The FID Inception in eval mode, fp32, on device (default: the GPU if any): weights from a path, $FID_WEIGHTS,
+    or pytorch-fid's release (downloaded once)."""
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    path = Path(weights or os.environ.get('FID_WEIGHTS') or common.cache_dir() / WEIGHTS_FILE)
+    if not (weights or os.environ.get('FID_WEIGHTS') or path.exists()):
+        print(f'downloading the FID Inception weights to {path}')
+        try:
+            common.download(WEIGHTS_URL + WEIGHTS_FILE, path, 'sha256:' + WEIGHTS_SHA256)
+        except OSError as e:  # offline, or the release moved
+            raise ValueError(f'could not download {WEIGHTS_URL + WEIGHTS_FILE} ({e}); fetch it by hand and give its '
+                             f'path to --weights or $FID_WEIGHTS') from None
+    if not path.is_file():
         raise ValueError(f'{path}: no such weights file; give --weights (or $FID_WEIGHTS) the path of pytorch-fid\'s '
                          f'{WEIGHTS_FILE}, or leave both unset to download it')
     try:
@@ -222,24 +220,16 @@ def load_inception(weights=None, device='cpu'):
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except Exception as e:
         raise ValueError(f'{path}: not a readable Inception state dict ({type(e).__name__}: {str(e)[:200]})') from None
-    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
-    if missing or unexpected:
+    if [k for k in missing if not k.endswith('num_batches_tracked')] or unexpected:
         raise ValueError(f'{path}: not pytorch-fid\'s key layout (missing {missing[:3]}, unexpected {unexpected[:3]})')
-    model = model.to(device).eval()
-    model.weights_id = weights_id(path)  # cached reference statistics are keyed by the weights that made them
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == 'cuda' else model  # faster convs
-
-
-@lru_cache
-def weights_id(path):
-    """The first 12 hex digits of the weights' sha256 over the tensors only (the -nofc file and the full file with fc
-    give the same pool3 features, so they share statistics)."""
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    # cached reference statistics are keyed by the weights that made them: a hash of the tensors without fc (the
+    # -nofc file and the full one give the same pool3 features, so they share statistics)
     h = hashlib.sha256()
     for k in sorted(k for k in sd if not k.startswith('fc.') and torch.is_tensor(sd[k])):
-        h.update(k.encode())
-        h.update(sd[k].contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
+        h.update(k.encode() + sd[k].contiguous().numpy().tobytes())
+    model.weights_id = h.hexdigest()[:12]
+    return model.to(device, memory_format=torch.channels_last if torch.device(device).type == 'cuda' else
+                    torch.preserve_format).eval()  # NHWC: faster convolutions on the GPU
 
 
 # -----------------------------------------------------------------------------
@@ -290,8 +280,7 @@ def compute_features(images, mode='pytorch-fid', device=None, model=None, batch_
         raise ValueError(f'unknown mode {mode!r}: use one of {", ".join(MODES)}')
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f'expected uint8 images (N, C, H, W) with C 1 or 3, got {images.dtype} {tuple(images.shape)}')
-    if model is None:
-        model = load_inception(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model = model or load_inception(device=device)
     device, feats = next(model.parameters()).device, []
     with exact_fp32():
         for x in tqdm(images.split(batch_size), 'Inception features', disable=len(images) <= batch_size):
@@ -309,11 +298,6 @@ def stats_of(features):
     f = torch.from_numpy(features).to('cuda' if torch.cuda.is_available() else 'cpu')
     f_centred = f - f.mean(0)
     return f.mean(0).cpu().numpy(), (f_centred.T @ f_centred / (len(f) - 1)).cpu().numpy()
-
-
-def compute_stats(images, mode='pytorch-fid', device=None, model=None):
-    """(mu, sigma) float64 of the pool3 features of uint8 images (N, C, H, W)."""
-    return stats_of(compute_features(images, mode, device, model))
 
 
 # -----------------------------------------------------------------------------
@@ -393,8 +377,7 @@ def image_chunks(spec, chunk=200):
 
 def input_features(spec, mode='pytorch-fid', device=None, model=None, batch_size=200):
     """Pool3 features (N, 2048) of all images of a folder, an images .npz or a dataset:split."""
-    if model is None:
-        model = load_inception(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model = model or load_inception(device=device)
     return np.concatenate([compute_features(x, mode, model=model, batch_size=batch_size)
                            for x in image_chunks(spec, batch_size)])
 
@@ -405,8 +388,7 @@ def reference_stats(spec, mode='pytorch-fid', device=None, model=None, batch_siz
         return stats
     if not is_dataset(spec):
         return stats_of(input_features(spec, mode, device, model, batch_size))
-    if model is None:
-        model = load_inception(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model = model or load_inception(device=device)
     cache = common.cache_dir() / f'fid-stats-{spec.replace(":", "-")}-{mode}-{model.weights_id}.npz'
     if not cache.exists():
         x = next(image_chunks(spec))
@@ -429,13 +411,13 @@ class Scorer:
     def __init__(self, ref, device, mode='pytorch-fid', images=None):
         try:
             self.model, self.mode = load_inception(device=device), mode
-            self.ref = (compute_stats(images, mode, model=self.model) if images is not None else
+            self.ref = (stats_of(compute_features(images, mode, model=self.model)) if images is not None else
                         reference_stats(ref, mode, model=self.model))
         except ValueError as e:  # a script's common.script_guard turns this into one error line
             raise common.DataError(f'FID reference {ref if images is None else "(images in memory)"}: {e}') from None
 
     def __call__(self, x):
-        return frechet_distance(*compute_stats(x, self.mode, model=self.model), *self.ref)
+        return frechet_distance(*stats_of(compute_features(x, self.mode, model=self.model)), *self.ref)
 
 
 def run_scorer(ref, dataset, x, device):
@@ -482,7 +464,7 @@ def main(argv=None):
     p.add_argument('paths', nargs='*', help='two inputs to compare, or one with --save-stats')
     p.add_argument('--mode', choices=MODES, default='pytorch-fid', help='preprocessing, see above')
     p.add_argument('--weights', help='Inception .pth in pytorch-fid\'s layout (default: $FID_WEIGHTS, else download)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', help='default: cuda if there is a GPU, else cpu')
     p.add_argument('--batch-size', type=int, default=200)
     p.add_argument('--save-stats', metavar='OUT.npz', help='write mu and sigma of the one input (pytorch-fid\'s keys)')
     p.add_argument('--kid', action='store_true', help='also KID, on 100 subsets of min(1000, N) images as clean-fid')

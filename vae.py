@@ -308,9 +308,10 @@ def train(cfg):
 
     def save(step, clock):  # the loop calls it every --ckpt-every steps and epoch, at the end and on Ctrl-C
         common.save_ckpt(out / 'ckpt.pt', dict(script='vae', model=model.state_dict(), opt=opt.state_dict(),
-                                               step=step, steps=steps, config=dataclasses.asdict(cfg)))
+                                               step=step, steps=steps, clock=clock, config=dataclasses.asdict(cfg)))
 
-    with common.Loop(cfg, out, save, ckpt['step'] if ckpt else 0, steps, epoch=per_epoch, fid=cfg.fid_every) as loop:
+    with common.Loop(cfg, out, save, ckpt['step'] if ckpt else 0, steps, ckpt.get('clock', 0.0) if ckpt else 0.0,
+                     epoch=per_epoch, fid=cfg.fid_every) as loop:
         for step in loop:
             beta = cfg.beta * min(1.0, (step + 1) / cfg.beta_warmup) if cfg.beta_warmup else cfg.beta
             xb = to_model(x[torch.randint(len(x), (cfg.batch_size // world,), device=device)], cfg.likelihood)
