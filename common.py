@@ -438,9 +438,9 @@ def torch_load(path, what='checkpoint'):
     """torch.load(weights_only=True): no file can run code; a refused one gets a line that never suggests otherwise."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        why = next((s for s in str(e).splitlines() if 'WeightsUnpickler error' in s), str(e).splitlines()[-1:] or [''])
-        fail(f'{path} is not a {what} ({type(e).__name__}: {" ".join("".join(why).split())[:300]})')
+    except Exception as e:  # the reason only: torch's advice around it is to load with weights_only=False
+        why = ' '.join(str(e).split()).split('WeightsUnpickler error:')[-1].split(' Please use')[0]
+        fail(f'{path} is not a {what} ({type(e).__name__}: {why.split(" Check the doc")[0].strip()[:200] or "empty"})')
 
 
 def load_ckpt(path, script):

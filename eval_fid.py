@@ -325,7 +325,8 @@ def read_npz(path, mode=None):
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:
-        raise ValueError(f'cannot read {path} as .npz ({type(e).__name__}: {e})') from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else 'not an .npz archive of arrays'  # not numpy's
+        raise ValueError(f'cannot read {path}: {why}') from None  # allow_pickle advice: a pickle could run code
     if 'mu' in arrays and 'sigma' in arrays:  # pytorch-fid's keys: its stats files work here and ours there
         made = str(arrays.get('mode', 'pytorch-fid'))  # a file without a mode is pytorch-fid's own: that preprocessing
         if mode and made != mode:

@@ -67,7 +67,8 @@ def main(argv=None):
         pixel = {}
         for name, budget in (('pixel-s2', t_s2), ('pixel-all', t_ae + t_s2)):
             pcfg = common.parse_config(ddpm.Config, ddpm.PRESETS, None, shlex.split(PIXEL) + shlex.split(cfg.pixel) + [
-                '--device', device, '--seed', str(cfg.seed), '--out', str(out / name), '--time-budget', f'{budget:.1f}'])
+                '--device', device, '--seed', str(cfg.seed), '--out', str(out / name),
+                '--time-budget', str(max(budget, 1e-3))])  # (a budget of 0 would mean none)
             ddpm.check(pcfg)
             pixel[name] = train_once(ddpm, pcfg)
         model, ae, scale, zshape, lcfg = ldm.load(lcfg)
@@ -79,7 +80,8 @@ def main(argv=None):
                 trained = f'{t_ae:.0f} s + {t_s2:.0f} s | {lck["step"]} x {lcfg.batch_size}'
             else:
                 net, mcfg, shape, _ = ddim.load(ddim.Config(out=str(out / name), steps=cfg.sample_steps), device)
-                draws = [partial(ddim.draw, net, mcfg, ddim.Config(steps=cfg.sample_steps, eta=e), shape) for e in (0, 1)]
+                draws = [partial(ddim.draw, net, mcfg, ddim.Config(steps=cfg.sample_steps, eta=e), shape)
+                         for e in (0, 1)]
                 trained = f'{pixel[name]["clock"]:.0f} s | {pixel[name]["step"]} x {mcfg.batch_size}'
             cells = []
             for eta, draw in enumerate(draws):

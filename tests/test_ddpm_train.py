@@ -143,7 +143,8 @@ def test_fid_during_training_is_logged(tmp_path, monkeypatch):
     weights = common.data_dir() / 'weights' / 'pt_inception-2015-12-05-nofc.pth'
     monkeypatch.setenv('FID_WEIGHTS', str(weights))
     real = common.load_dataset('mnist', 'test')[0][:6]  # a 6-image reference keeps the Inception on CPU cheap
-    monkeypatch.setattr(eval_fid, 'reference_stats', lambda spec, mode, model: eval_fid.stats_of(eval_fid.compute_features(real, model=model)))
+    monkeypatch.setattr(eval_fid, 'reference_stats',
+                        lambda spec, mode, model: eval_fid.stats_of(eval_fid.compute_features(real, model=model)))
     run(tmp_path, '--steps', '2', '--fid-every', '2', '--fid-samples', '4')
     line = (tmp_path / 'log.txt').read_text().splitlines()[-1]
     assert line.startswith('step 2 | fid4 ') and float(line.split()[-1]) > 0

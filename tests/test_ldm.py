@@ -223,3 +223,22 @@ def test_test_images_and_labels_land_on_the_device():
         x, y = ldm.test_images(ldm.Config(cond=cond, label=label), 3, 'meta')
         assert x.device.type == 'meta' and x.shape == (3, 1, 28, 28)
         assert (y is None) == (cond == 'none') and (y is None or (y.device.type == 'meta' and y.shape == (3,)))
+
+
+def test_the_race_trains_pixels_on_the_ldm_recipe_for_its_seconds(tmp_path, monkeypatch):
+    import eval_fid
+    from exercises import ldm_race
+    scored = []
+    monkeypatch.setattr(eval_fid, 'Scorer', lambda ref, device: lambda x: scored.append(tuple(x.shape)) or 1.0)
+    ldm_race.main(['--device', 'cpu', '--out', str(tmp_path), '--fid-samples', '3', '--sample-steps', '2',
+                   '--ldm', f'--ch 8 --steps 2 --T 20 --log-every 1 --vae-args "{VAE_ARGS}"',
+                   '--pixel', '--ch 8 --T 20'])
+    ckpts = {k: torch.load(tmp_path / k / 'ckpt.pt', weights_only=True) for k in ('ae', 'ldm', 'pixel-s2', 'pixel-all')}
+    t_ae, t_s2 = ckpts['ae']['clock'], ckpts['ldm']['clock']
+    for name, budget in (('pixel-s2', t_s2), ('pixel-all', t_ae + t_s2)):  # each stops at its budget, not before
+        cfg = ckpts[name]['config']
+        assert cfg['time_budget'] == pytest.approx(budget, abs=0.06) and ckpts[name]['clock'] >= cfg['time_budget']
+        assert (cfg['schedule'], cfg['objective'], cfg['attn_res'], cfg['batch_size']) == ('cosine', 'v', '7', 128)
+    assert scored == [(3, 1, 28, 28)] * 6  # three models, two samplers each
+    table = (tmp_path / 'race.md').read_text()
+    assert table.count('| pixel-') == 2 and 'the LDM\'s U-Net on 28x28 pixels' in table
