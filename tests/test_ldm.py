@@ -1,6 +1,6 @@
 """ldm.py on CPU: the v maths, the latent DDIM step against the forward process, the scale factor, both stages end to
 end, exact resume, cross-attention, and clear errors for a wrong autoencoder."""
-import math
+import math, re, time
 
 import numpy as np
 import pytest
@@ -229,7 +229,8 @@ def test_the_race_trains_pixels_on_the_ldm_recipe_for_its_seconds(tmp_path, monk
     import eval_fid
     from exercises import ldm_race
     scored = []
-    monkeypatch.setattr(eval_fid, 'Scorer', lambda ref, device: lambda x: scored.append(tuple(x.shape)) or 1.0)
+    slow_fid = lambda x: time.sleep(0.5) or scored.append(tuple(x.shape)) or 1.0  # 170 ms per image if it were timed
+    monkeypatch.setattr(eval_fid, 'Scorer', lambda ref, device: slow_fid)
     ldm_race.main(['--device', 'cpu', '--out', str(tmp_path), '--fid-samples', '3', '--sample-steps', '2',
                    '--ldm', f'--ch 8 --steps 2 --T 20 --log-every 1 --vae-args "{VAE_ARGS}"',
                    '--pixel', '--ch 8 --T 20'])
@@ -241,4 +242,5 @@ def test_the_race_trains_pixels_on_the_ldm_recipe_for_its_seconds(tmp_path, monk
         assert (cfg['schedule'], cfg['objective'], cfg['attn_res'], cfg['batch_size']) == ('cosine', 'v', '7', 128)
     assert scored == [(3, 1, 28, 28)] * 6  # three models, two samplers each
     table = (tmp_path / 'race.md').read_text()
+    assert all(int(ms) < 100 for ms in re.findall(r'\((\d+) ms/image\)', table))  # the FID's time is not sampling's
     assert table.count('| pixel-') == 2 and 'the LDM\'s U-Net on 28x28 pixels' in table
