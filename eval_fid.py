@@ -200,8 +200,7 @@ class InceptionV3(nn.Module):
 
 
 def load_inception(weights=None, device=None):
-    """The FID Inception in eval mode, fp32, on device (default: the GPU if any): weights from a path, $FID_WEIGHTS,
-    or pytorch-fid's release (downloaded once)."""
+    """The FID Inception, eval, fp32, on device (default: any GPU); weights: a path, $FID_WEIGHTS or pytorch-fid's."""
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     path = Path(weights or os.environ.get('FID_WEIGHTS') or common.cache_dir() / WEIGHTS_FILE)
     if not (weights or os.environ.get('FID_WEIGHTS') or path.exists()):

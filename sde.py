@@ -113,8 +113,8 @@ def denoise(model, x, t, sde, objective):  # E[x_0 | x_t] (Tweedie), the noise-f
 def reverse_sde(model, x, sde, objective, sampler, N, eps, snr=0.16, generator=None):
     """The reverse SDE dx = [f(x, t) - g(t)^2 s(x, t)] dt + g(t) dw (eq. 6) from t = 1 to eps in N steps:
     em:  Euler-Maruyama, x <- x + (beta x / 2 + beta s) |dt| + sqrt(beta |dt|) z;
-    rd:  the reverse-diffusion predictor (App. E): the forward step x' = sqrt(1 - b) x + sqrt(b) z between the two
-         times (b = 1 - ab(t') / ab(t)) reversed, x <- (2 - sqrt(1 - b)) x + b s + sqrt(b) z;
+    rd:  the reverse-diffusion predictor (App. E): the forward step x_t = sqrt(1 - b) x_t' + sqrt(b) z from the next
+         time t' < t (b = 1 - ab(t) / ab(t')) reversed, x <- (2 - sqrt(1 - b)) x + b s + sqrt(b) z;
     pc:  rd, then one Langevin corrector step (App. G, Alg. 5) at the new time t', which is where x now lives."""
     ts = torch.linspace(1, eps, N + 1, dtype=torch.float64).tolist()
     noise = lambda: torch.randn(x.shape, device=x.device, generator=generator)
@@ -162,6 +162,7 @@ def rk45(f, x, t0, t1, rtol, atol):
     the next step is scaled by 0.9 err^(-1/5) within [0.2, 10]. Its last stage is the next step's first (FSAL).
     Returns (x(t1), evaluations of f). One step size for the whole batch, as scipy's solve_ivp on the flat batch."""
     t, h, k1, nfe = t0, (t1 - t0) / 100, f(x, t0), 1
+    bar = tqdm(total=1.0, desc='rk45', leave=False, bar_format='{l_bar}{bar}| {postfix}')
     while (t1 - t) * (t1 - t0) > 1e-12 * (t1 - t0) ** 2:
         h = math.copysign(min(abs(h), abs(t1 - t)), t1 - t0)
         ks = [k1]
@@ -174,7 +175,10 @@ def rk45(f, x, t0, t1, rtol, atol):
         r = (err / (atol + rtol * torch.maximum(x.abs(), x5.abs()))).pow(2).mean().sqrt().item()
         if r <= 1:
             t, x, k1 = t + h, x5, ks[-1]
+            bar.update(h / (t1 - t0))
+            bar.set_postfix_str(f't {t:.4f}, {nfe} evaluations')
         h *= min(10.0, max(0.2, 0.9 * r ** -0.2)) if r > 0 else 10.0
+    bar.close()
     return x, nfe
 
 
