@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = {'ddpm.py': 480, 'ddim.py': 320, 'vae.py': 380, 'gan.py': 320, 'flows.py': 420, 'ldm.py': 360,
            'eval_fid.py': 480, 'common.py': 530}  # issue 21 asked 420 and 480 for these two: README "Layout" says why
 TOTAL = 5260  # these scripts, kernels/, exercises/ and bench.py: 5,179 before the redesign (issue 21 asked 5,000)
-LATER = {'sde.py': 380}  # concept scripts of later issues, each with its own budget (not counted in TOTAL)
+LATER = {'sde.py': 380, 'pixelcnn.py': 300,  # the files of later issues, each with its own budget (not in TOTAL)
+         'exercises/timestep_embedding.py': 90, 'exercises/denoise.py': 120}
 
 
 def lines(path):  # what wc -l counts
@@ -24,13 +25,14 @@ def test_script_budget(name):
 
 
 def test_total_budget():
-    files = [p for p in ROOT.glob('*.py') if p.name not in LATER] + sorted((ROOT / 'kernels').glob('*.py')) + \
-        sorted((ROOT / 'exercises').glob('*.py'))
-    counts = {str(p.relative_to(ROOT)): lines(p) for p in files}
+    files = [p for folder in ('.', 'kernels', 'exercises') for p in sorted((ROOT / folder).glob('*.py'))]
+    counts = {str(p.relative_to(ROOT)): lines(p) for p in files if str(p.relative_to(ROOT)) not in LATER}
     assert sum(counts.values()) <= TOTAL, sorted(counts.items(), key=lambda kv: -kv[1])
 
 
-TINY = {'gan.py': ['--ch', '8', '--z-dim', '8', '--batch-size', '8', '--sample-every', '0'],
+TINY = {'pixelcnn.py': ['--ch', '8', '--layers', '2', '--batch-size', '8', '--eval-images', '8',
+                        '--sample-batch', '8'],
+        'gan.py': ['--ch', '8', '--z-dim', '8', '--batch-size', '8', '--sample-every', '0'],
         'vae.py': ['--hidden', '16', '--latent', '3', '--batch-size', '8', '--eval-n', '8', '--eval-k', '2'],
         'flows.py': ['--ch', '8', '--blocks', '1', '--scales', '2', '--batch-size', '8', '--eval-images', '8',
                      '--sample-batch', '8'],
