@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ddpm
-from exercises import schedules
+from exercises import schedules, timestep_embedding
 
 SCHEDULES = ['linear', 'cosine', 'sigmoid']
 
@@ -122,3 +122,13 @@ def test_guidance_weights():
 
 def test_unet_matches_paper_size():
     assert sum(p.numel() for p in ddpm.UNet().parameters()) == 35_746_307  # Ho et al. CIFAR-10: 35.7M
+
+
+@pytest.mark.parametrize('ch', [32, 128])
+def test_timestep_embedding_similarity_falls_with_the_gap(tmp_path, ch):
+    """Exercise 16: nearby timesteps get similar embeddings, distant ones different ones, before and after the MLP.
+    At ch 32 (16 frequencies) the similarity stops falling beyond |dt| ~ 100 (README), so 500 is only checked low."""
+    sims = timestep_embedding.main(['--ch', str(ch), '--out', str(tmp_path)])
+    for name, s in sims.items():  # |dt| = 1, 10, 100, 500
+        assert s[0] > 0.95 and s[0] > s[1] > s[2] and s[3] < 0.5 and (ch == 32 or s[2] > s[3]), (name, s)
+    assert (tmp_path / 'timestep_embedding.png').exists() and (tmp_path / 'timestep_embedding.csv').exists()

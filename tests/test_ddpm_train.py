@@ -1,5 +1,5 @@
 """ddpm.py end to end on CPU with a tiny U-Net: train, sample, resume exactly, survive a kill, DDP, figures."""
-import os, signal, socket
+import math, os, signal, socket
 from functools import partial
 
 import numpy as np
@@ -11,7 +11,7 @@ from PIL import Image
 from helpers import sigterm_run
 import common
 import ddpm
-from exercises import forward, schedules
+from exercises import denoise, forward, schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset', 'mnist', '--device', 'cpu', '--ch', '8', '--ch-mult', '1,2', '--num-res-blocks', '1',
@@ -155,3 +155,28 @@ def test_bench_prints_throughput_and_flops(capsys):
     bench.main(['ddpm'] + TINY)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert float(line.split(' GFLOP/step')[0]) > 0 and float(line.split(' img/s')[0].split('| ')[-1]) > 0
+
+
+def test_denoise_psnr_and_blur_by_hand():
+    """PSNR on [0, 1] of [-1, 1] images: an error of 0.2 on [-1, 1] is 0.1 on [0, 1], MSE 0.01, 20 dB; the blur keeps
+    a flat background and spreads a point by its Gaussian."""
+    ref = torch.zeros(3, 1, 8, 8)
+    assert denoise.psnr(ref + 0.2, ref) == pytest.approx(20.0, abs=1e-4)
+    assert denoise.psnr(ref + 5, ref) == pytest.approx(denoise.psnr(ref + 1, ref))  # clipped to [-1, 1] first
+    flat = torch.full((1, 1, 9, 9), -1.0)
+    torch.testing.assert_close(denoise.blur(flat, 1.0), flat)
+    point = flat.clone()
+    point[0, 0, 4, 4] = 1.0
+    b = denoise.blur(point, 1.0) + 1  # the point's excess, 2, spread by a Gaussian of std 1
+    assert b.sum().item() == pytest.approx(2.0, abs=1e-3)
+    assert b[0, 0, 4, 5] / b[0, 0, 4, 4] == pytest.approx(math.exp(-0.5), rel=1e-3)
+
+
+def test_denoise_exercise_trains_and_beats_the_noisy_input(tmp_path):
+    result = denoise.main(['--device', 'cpu', '--ch', '8', '--steps', '30', '--batch-size', '16', '--lr', '3e-3',
+                           '--log-every', '10', '--eval-images', '200', '--out', str(tmp_path)])
+    blur = next(v for k, v in result.items() if k.startswith('Gaussian'))
+    assert result['noisy'] == pytest.approx(14.5, abs=0.6)  # sigma 0.25 on [0, 1] where unclipped: 12 dB, clipped more
+    assert blur > result['noisy'] + 3 and result['U-Net'] > result['noisy'] + 3, result
+    assert (tmp_path / 'denoise.png').exists() and 'U-Net' in (tmp_path / 'denoise.txt').read_text()
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 30
