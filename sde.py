@@ -34,6 +34,7 @@ class Config:
     seed: int = 0
     sampler: str = 'pc'  # em (Euler-Maruyama) | rd (reverse diffusion) | pc (rd + Langevin) | heun | rk45 (PF-ODE)
     steps: int = 1000  # N: time steps from t = 1 to --eps (heun: 2 network evaluations each)
+    spacing: str = 'uniform'  # heun's time grid: uniform in t | quadratic (t - eps ~ (i / N)^2: denser near t = eps)
     snr: float = 0.16  # pc: the Langevin corrector's signal-to-noise ratio r (Song et al. App. G)
     eps: float = 1e-3  # sampling stops at t = eps, then takes the noise-free E[x_0 | x_eps]
     rtol: float = 1e-5  # rk45 tolerances (sampling and the likelihood ODE)
@@ -162,7 +163,7 @@ def rk45(f, x, t0, t1, rtol, atol):
     the next step is scaled by 0.9 err^(-1/5) within [0.2, 10]. Its last stage is the next step's first (FSAL).
     Returns (x(t1), evaluations of f). One step size for the whole batch, as scipy's solve_ivp on the flat batch."""
     t, h, k1, nfe = t0, (t1 - t0) / 100, f(x, t0), 1
-    bar = tqdm(total=1.0, desc='rk45', leave=False, bar_format='{l_bar}{bar}| {postfix}')
+    bar = tqdm(total=1.0, desc='rk45', leave=False, bar_format='{l_bar}{bar}| [{elapsed}{postfix}]')
     while (t1 - t) * (t1 - t0) > 1e-12 * (t1 - t0) ** 2:
         h = math.copysign(min(abs(h), abs(t1 - t)), t1 - t0)
         ks = [k1]
@@ -190,7 +191,8 @@ def sample(model, x, sde, objective, cfg, generator=None):
     f = partial(ode_drift, model, sde=sde, objective=objective)
     with torch.no_grad():
         if cfg.sampler == 'heun':
-            x, nfe = heun(f, x, torch.linspace(1, cfg.eps, cfg.steps + 1, dtype=torch.float64).tolist()), 2 * cfg.steps
+            u = torch.linspace(1, 0, cfg.steps + 1, dtype=torch.float64) ** (2 if cfg.spacing == 'quadratic' else 1)
+            x, nfe = heun(f, x, (cfg.eps + (1 - cfg.eps) * u).tolist()), 2 * cfg.steps
         else:
             x, nfe = rk45(f, x, 1.0, cfg.eps, cfg.rtol, cfg.atol)
         return denoise(model, x, cfg.eps, sde, objective).clamp(-1, 1), nfe + 1
@@ -288,7 +290,8 @@ def sample_mode(cfg, device):
     t0 = time.perf_counter()
     x = common.sample_many(draw, cfg.n_samples, cfg.sample_batch, cfg.seed, device)
     seconds = time.perf_counter() - t0
-    tag = f'{cfg.sampler}-' + (f'tol{cfg.rtol:g}' if cfg.sampler == 'rk45' else f'N{cfg.steps}')
+    tag = f'{cfg.sampler}-' + (f'tol{cfg.rtol:g}' if cfg.sampler == 'rk45' else f'N{cfg.steps}') + \
+        '-quadratic' * (cfg.sampler == 'heun' and cfg.spacing == 'quadratic')
     common.write_samples(x, out, f'samples_{tag}', cfg.save)
     print(f'{cfg.sampler}: {sum(nfe) / len(nfe):.0f} network evaluations per image (mean over {len(nfe)} batches), '
           f'{1000 * seconds / len(x):.1f} ms/image on {device}')
@@ -345,7 +348,8 @@ def compare_mode(cfg, device):
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv=argv)
-    common.check(cfg, dict(mode=('sample', 'nll', 'compare'), sampler=('em', 'rd', 'pc', 'heun', 'rk45')),
+    common.check(cfg, dict(mode=('sample', 'nll', 'compare'), sampler=('em', 'rd', 'pc', 'heun', 'rk45'),
+                                 spacing=('uniform', 'quadratic')),
                  positive=('steps', 'n_samples', 'sample_batch', 'n_images', 'rtol', 'atol'),
                  nonnegative=('snr', 'probes'))
     if not (cfg.out or cfg.ckpt):

@@ -52,10 +52,12 @@ def test_beta_integrates_to_the_discrete_alpha_bar():
         assert -(cos.log_alpha_bar(t + h) - cos.log_alpha_bar(t - h)) / (2 * h) == pytest.approx(cos.beta(t), rel=1e-4)
 
 
-@pytest.mark.parametrize('sampler, steps', [('em', 500), ('rd', 500), ('pc', 300), ('heun', 50), ('rk45', 0)])
-def test_samplers_with_the_exact_score_reproduce_the_data(sampler, steps):
+@pytest.mark.parametrize('sampler, steps, spacing', [('em', 500, 'uniform'), ('rd', 500, 'uniform'),
+                                                     ('pc', 300, 'uniform'), ('heun', 50, 'uniform'),
+                                                     ('heun', 50, 'quadratic'), ('rk45', 0, 'uniform')])
+def test_samplers_with_the_exact_score_reproduce_the_data(sampler, steps, spacing):
     vp = sde.VPSDE('linear', 1000)
-    cfg = sde.Config(sampler=sampler, steps=max(steps, 1), rtol=1e-4, atol=1e-4)
+    cfg = sde.Config(sampler=sampler, steps=max(steps, 1), spacing=spacing, rtol=1e-4, atol=1e-4)
     g = torch.Generator().manual_seed(0)  # pc: 256 pixels, where |z| and |s| concentrate (the corrector's step size)
     shape = (250, 1, 16, 16) if sampler == 'pc' else (4000, 1, 2, 2)
     x, nfe = sde.sample(GaussianEps(vp), torch.randn(shape, generator=g), vp, 'eps', cfg, g)
@@ -63,6 +65,19 @@ def test_samplers_with_the_exact_score_reproduce_the_data(sampler, steps):
     assert x.std().item() == pytest.approx(S, abs=0.01)  # a wrong drift sign or noise scale moves it far
     want = {'em': 501, 'rd': 501, 'pc': 601, 'heun': 101}.get(sampler)  # rk45: what its error control needs
     assert nfe == want if want else 10 < nfe < 300, nfe
+
+
+def test_heun_time_grids_run_from_one_to_eps_the_quadratic_one_densest_at_eps(monkeypatch):
+    grids, heun = [], sde.heun
+    monkeypatch.setattr(sde, 'heun', lambda f, x, ts: grids.append(ts) or heun(f, x, ts))
+    vp = sde.VPSDE('linear', 1000)
+    for spacing in ('uniform', 'quadratic'):
+        sde.sample(GaussianEps(vp), torch.randn(4, 1, 2, 2), vp, 'eps', sde.Config(sampler='heun', steps=10,
+                                                                                   spacing=spacing, eps=1e-3))
+    for ts in grids:
+        assert len(ts) == 11 and ts[0] == pytest.approx(1.0) and ts[-1] == pytest.approx(1e-3)
+    (u, q), gaps = grids, lambda ts: [a - b for a, b in zip(ts, ts[1:])]
+    assert max(gaps(u)) == pytest.approx(min(gaps(u))) and gaps(q)[-1] < gaps(q)[0] / 10
 
 
 def test_the_corrector_runs_at_the_time_x_lives_at(monkeypatch):
