@@ -10,6 +10,9 @@ and the exact NLL of the ODE (Song et al. App. D).
     python sde.py --out runs/ddpm-mnist --sampler rk45                      # adaptive Dormand-Prince, NFE printed
     python sde.py --out runs/ddpm-mnist --mode nll --n-images 200           # ELBO and PF-ODE bits/dim, MNIST test
     python sde.py --out runs/ddpm-mnist --mode compare                      # PF-ODE Euler against DDIM, one x_T
+
+Measured (2 CPU cores, the CPU quick-start model, README "sde.py"): ELBO <= 1.818 and PF-ODE 1.686 bits/dim on the
+first 200 MNIST test images; FID-2000 of the PF-ODE with RK45 92.6 at 433 evaluations per image.
 """
 import json, math, time
 from dataclasses import dataclass
