@@ -64,6 +64,7 @@ PRESETS = {'mnist': {}, 'mnist-cpu': dict(ch=32, layers=8, kernel=3, steps=1500,
                                           ckpt_every=500)}  # 14 minutes on 2 cores (README)
 MODEL_KEYS = ('dataset', 'data', 'ch', 'layers', 'kernel', 'class_cond')
 RECIPE_KEYS = ('seed', 'batch_size', 'lr', 'lr_decay', 'grad_clip')
+UNIT = {'binary': 'nats', '8bit': 'bits/dim'}  # of the test NLL
 
 # -----------------------------------------------------------------------------
 # The model: a gated layer of two stacks. The vertical stack at row i sees the rows <= i, all columns in reach; shifted
@@ -77,6 +78,11 @@ def down(v):  # row i <- row i - 1 (zeros in row 0)
 
 def right(h):  # column j <- column j - 1 (zeros in column 0)
     return F.pad(h, (1, 0))[..., :-1]
+
+
+def gate(a):  # eq. 2: tanh of one half of the channels times sigmoid of the other
+    f, g = a.chunk(2, 1)
+    return torch.tanh(f) * torch.sigmoid(g)
 
 
 class GatedLayer(nn.Module):
@@ -98,7 +104,6 @@ class GatedLayer(nn.Module):
         if self.label is not None:
             bv, bh = self.label(y)[:, :, None, None].chunk(2, 1)
             v_pre, h_pre = v_pre + bv, h_pre + bh
-        gate = lambda a: torch.tanh(a.chunk(2, 1)[0]) * torch.sigmoid(a.chunk(2, 1)[1])
         h_new = self.h_out(gate(h_pre))
         return gate(v_pre), h_new if self.first else h + h_new
 
@@ -184,10 +189,6 @@ def test_nll(model, x, y, data, batch, rank=0, world=1):
     return total.item() / len(x)
 
 
-def unit(data):
-    return 'nats' if data == 'binary' else 'bits/dim'
-
-
 def check(cfg, world=1):
     common.check(cfg, dict(mode=('train', 'sample', 'eval'), data=('binary', '8bit')),
                  positive=('ch', 'layers', 'kernel', 'steps', 'batch_size', 'lr', 'lr_decay', 'grad_clip', 'log_every',
@@ -246,7 +247,7 @@ def train(cfg):
             loop.log(loss=loss, **{'grad norm': gnorm})
             if loop.due('sample'):  # the exact test NLL (every rank) and a grid (rank 0)
                 test = test_nll(model, x_test, y_test, cfg.data, cfg.sample_batch, rank, world)
-                loop.write(f'test NLL {test:.4f} {unit(cfg.data)} ({len(x_test)} test images)')
+                loop.write(f'test NLL {test:.4f} {UNIT[cfg.data]} ({len(x_test)} test images)')
                 if rank == 0:
                     grid = common.sample_many(partial(sample, model, tuple(x.shape[1:]), cfg.data, -1,
                                                       10 * cfg.class_cond), 64, 64, cfg.seed, device)
@@ -272,9 +273,9 @@ def from_checkpoint(cfg):
         x, y = [t if t is None else t.to(device) for t in load(mcfg, 'test')]
         test = test_nll(model, x, y if mcfg.class_cond else None, mcfg.data, cfg.sample_batch, rank, world)
         if rank == 0:
-            result = dict(nll=test, unit=unit(mcfg.data), n_images=len(x), step=ckpt['step'], data=mcfg.data)
+            result = dict(nll=test, unit=UNIT[mcfg.data], n_images=len(x), step=ckpt['step'], data=mcfg.data)
             common.atomic_write(Path(cfg.out) / 'nll.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
-            print(f'test NLL {test:.4f} {unit(mcfg.data)} ({len(x)} {mcfg.dataset} test images, exact)')
+            print(f'test NLL {test:.4f} {UNIT[mcfg.data]} ({len(x)} {mcfg.dataset} test images, exact)')
     elif rank == 0:  # under torchrun the other ranks have nothing to do
         common.claim(cfg.out)
         shape, t0 = common.image_shape(mcfg), time.perf_counter()

@@ -43,7 +43,7 @@ def mean_at_gap(sim, gap):  # mean of sim[t, t + gap] over t
 def embeddings(cfg):
     """{'sinusoidal': (T, ch), 'MLP': (T, 4 ch)} at t = 0 .. T - 1, and the MLP's origin."""
     if cfg.ckpt:
-        model, mcfg = ddpm.load_model(cfg.ckpt)
+        model, _ = ddpm.load_model(cfg.ckpt)
         origin = f'trained ({cfg.ckpt})'
     else:
         torch.manual_seed(cfg.seed)
@@ -75,8 +75,8 @@ def main(argv=None):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, (name, s) in zip(axes, sims.items()):
         im = ax.imshow(s.numpy(), cmap='viridis', vmin=-1, vmax=1, origin='lower')
-        ax.set(title=f'{name} ({embs[name].shape[1]} dims' + f', {origin.split(" (")[0]})' * (name == 'MLP') +
-               ')' * (name != 'MLP'), xlabel='t', ylabel='t')
+        mlp = f', {origin.split(" (")[0]}' if name == 'MLP' else ''  # new | trained
+        ax.set(title=f'{name} ({embs[name].shape[1]} dims{mlp})', xlabel='t', ylabel='t')
         fig.colorbar(im, ax=ax, shrink=0.8, label='cosine similarity')
     fig.savefig(out / 'timestep_embedding.png')
     print(f'wrote {out}/timestep_embedding.png and .csv')

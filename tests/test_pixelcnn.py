@@ -91,7 +91,7 @@ def test_train_then_sample_and_eval(tmp_path):
     assert '"unit": "nats"' in result and '"n_images": 16' in result
 
 
-def test_binarised_test_set_is_vae_pys(tmp_path):
+def test_binarised_test_set_is_vae_pys():
     """The nats here and vae.py's IWAE bound are of the same binarised test images (seed 0 of the same draw)."""
     cfg = pixelcnn.common.parse_config(pixelcnn.Config, pixelcnn.PRESETS, lambda v: 'mnist', TINY)
     x, _ = pixelcnn.load(cfg, 'test')
