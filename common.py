@@ -39,7 +39,8 @@ def parse_config(cls, presets=None, pick=None, argv=None):
             fail(f'--preset {name!r} is not one of: {", ".join(presets)}')
         chosen = {k: x for k, x in presets[name].items() if k not in given}
         values.update(chosen, preset=name)
-        how = '--preset' if 'preset' in given else f'picked for --dataset {v["dataset"]}' + ' on a CPU' * cpu
+        how = '--preset' if 'preset' in given else 'picked' + f' for --dataset {v.get("dataset")}' * ('dataset' in v)
+        how += ' on a CPU' * (cpu and 'preset' not in given)
         print0(f'preset {name} ({how}; --help lists the others): ' +
                (' '.join(f'--{k.replace("_", "-")} {x}' for k, x in chosen.items()) or 'the defaults'))
     return cls(**dict(values, **given))
