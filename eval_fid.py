@@ -1,5 +1,6 @@
 """FID (Heusel et al. 2017, arXiv:1706.08500) with the TF Inception of the original paper, matching pytorch-fid and
-clean-fid; also KID (Binkowski et al. 2018, arXiv:1801.01401) and IS (Salimans et al. 2016, arXiv:1606.03498).
+clean-fid; also KID (Binkowski et al. 2018, arXiv:1801.01401), IS (Salimans et al. 2016, arXiv:1606.03498) and
+improved precision and recall (Kynkaanniemi et al. 2019, arXiv:1904.06991).
     python eval_fid.py samples/ cifar10:train    # inputs: image folder | uint8 images .npz | stats .npz | dataset:split
     python eval_fid.py samples.npz stats.npz --mode clean --kid
     python eval_fid.py cifar10:train --save-stats cifar10-train.npz     # mu, sigma in pytorch-fid's format
@@ -78,6 +79,18 @@ def inception_score(logits, splits=10):
     logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
     kl = [(np.exp(lp) * (lp - np.log(np.exp(lp).mean(0)))).sum(1).mean() for lp in np.array_split(logp, splits)]
     return float(np.mean(np.exp(kl))), float(np.std(np.exp(kl)))
+
+
+def precision_recall(real, fake, k=3, batch=500):
+    """Improved precision and recall (Kynkaanniemi et al. 2019): a set's manifold is the union of balls around its
+    features, each reaching its k-th nearest neighbour in the set; precision is the share of fake features inside the
+    real manifold (quality), recall the share of real ones inside the fake manifold (coverage)."""
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f'precision and recall with k = {k} need more than {k} images in each set')
+    real, fake = torch.from_numpy(real), torch.from_numpy(fake)
+    radii = lambda f: torch.cat([torch.cdist(b, f).kthvalue(k + 1, 1).values for b in f.split(batch)])  # + itself
+    inside = lambda x, f, r: torch.cat([(torch.cdist(b, f) <= r).any(1) for b in x.split(batch)]).double().mean()
+    return inside(fake, real, radii(real)).item(), inside(real, fake, radii(fake)).item()
 
 
 # -----------------------------------------------------------------------------
@@ -446,7 +459,7 @@ def run(args):
         raise ValueError(f'--is needs the 1008-class fc layer, which these weights lack: use pytorch-fid\'s complete '
                          f'{WEIGHTS_FILE} (--weights or $FID_WEIGHTS, or unset both to download it)')
     kw = dict(mode=args.mode, model=model, batch_size=args.batch_size)
-    feats = [input_features(p, **kw) for p in args.paths] if args.kid or args.inception_score else None
+    feats = [input_features(p, **kw) for p in args.paths] if args.kid or args.inception_score or args.pr else None
     stats = [stats_of(f) for f in feats] if feats else [reference_stats(p, **kw) for p in args.paths]
     if args.save_stats:
         np.savez(args.save_stats, mu=stats[0][0], sigma=stats[0][1], mode=args.mode)
@@ -456,6 +469,8 @@ def run(args):
         print('IS of %s: %.3f +- %.3f' % (p, *inception_score(logits)))
     if args.kid:
         print(f'KID: {kernel_distance(*feats):.6f}')
+    if args.pr:
+        print('precision %.4f, recall %.4f (k = 3; the first input is the real set)' % precision_recall(*feats))
     print(f'FID: {frechet_distance(*stats[0], *stats[1]):.6f}')
 
 
@@ -468,6 +483,7 @@ def main(argv=None):
     p.add_argument('--batch-size', type=int, default=200)
     p.add_argument('--save-stats', metavar='OUT.npz', help='write mu and sigma of the one input (pytorch-fid\'s keys)')
     p.add_argument('--kid', action='store_true', help='also KID, on 100 subsets of min(1000, N) images as clean-fid')
+    p.add_argument('--pr', action='store_true', help='also improved precision and recall (k = 3), first input real')
     p.add_argument('--is', dest='inception_score', action='store_true', help='also IS (needs weights with fc)')
     args = p.parse_args(argv)
     try:

@@ -102,6 +102,18 @@ def test_kid_is_the_unbiased_mmd():
     assert np.isclose(eval_fid.kernel_distance(x, y, num_subsets=3), mmd)
 
 
+def test_precision_recall_known_answers():
+    line = lambda *v: np.array(v, dtype=np.float64)[:, None] * [1.0, 0.0]  # points on a line in 2-D
+    real = line(*range(10))  # k = 3 radii: 3 at the ends 0 and 9, 2 inside
+    assert eval_fid.precision_recall(real, real) == (1.0, 1.0)
+    # -2.5 and 11.5 fall inside the end balls (radius 3), 20 outside all; the fake radii (>= 14) cover every real point
+    assert eval_fid.precision_recall(real, line(-2.5, 4.5, 11.5, 20)) == (0.75, 1.0)
+    # a fake cluster (radii 0.2-0.3) lies inside the real manifold but covers only the real point 0
+    assert eval_fid.precision_recall(real, line(0, 0.1, 0.2, 0.3)) == (1.0, 0.1)
+    with pytest.raises(ValueError, match='more than 3 images'):
+        eval_fid.precision_recall(real, real[:3])
+
+
 def test_inception_score():
     assert eval_fid.inception_score(np.zeros((20, 1008)), splits=2)[0] == pytest.approx(1)
     confident = np.where(np.arange(1000)[:, None] % 10 == np.arange(1008), 50.0, 0.0)  # 10 classes, balanced
@@ -154,11 +166,13 @@ def test_folder_against_its_stats_file_is_zero(tmp_path, capsys):
 def test_cli_kid_bench_and_help(tmp_path, capsys):
     for name in ('cifarsub_train', 'cifarsub_test'):
         (tmp_path / name).mkdir()
-        for i in range(3):
+        for i in range(4):
             shutil.copy(REF / name / f'{i:05d}.png', tmp_path / name)
-    *lines, last = cli(tmp_path / 'cifarsub_train', tmp_path / 'cifarsub_test', '--kid', capsys=capsys)
+    *lines, last = cli(tmp_path / 'cifarsub_train', tmp_path / 'cifarsub_test', '--kid', '--pr', capsys=capsys)
     fid, kid = float(last.removeprefix('FID: ')), float(lines[0].removeprefix('KID: '))
     assert fid > 0 and np.isfinite(kid), (fid, kid)
+    precision, recall = (float(w.strip(',')) for w in lines[1].split()[1:4:2])
+    assert 0 <= precision <= 1 and 0 <= recall <= 1, lines[1]
     import bench
     bench.main(['fid', '4'])  # the GPU benchmark, tiny, on CPU
     bench = capsys.readouterr().out.splitlines()
