@@ -13,7 +13,9 @@ The teacher predicts v or x0 (ddpm.py --objective v): an eps-predicting student 
 (x_t - sqrt(1 - ab) eps) / sqrt(ab) divides by sqrt(ab) ~ 0 (Salimans & Ho sec. 4). Time is continuous, t in [0, 1]
 as in sde.py (the network's label is t (T - 1), alpha_bar(t) follows the teacher's schedule), and every grid ends at
 t = 0, the clean image (alpha_bar = 1). 1000 does not halve down to 1, so the teacher's first grid is t = k / 1024
-(--start-steps). Measured on 2 CPU cores: README "distill.py".
+(--start-steps). Measured on 2 CPU cores (README "distill.py"), FID-2000 of an 8-minute teacher's samplers:
+progressive students 102.6 / 95.7 / 81.8 / 65.0 at 1 / 2 / 4 / 8 steps (the teacher's DDIM: 303.1 / 133.3 / 97.1 /
+64.2), one-step consistency model 88.7.
 """
 import copy, dataclasses, math, time
 from contextlib import nullcontext
