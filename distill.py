@@ -20,7 +20,7 @@ progressive students 102.6 / 95.7 / 81.8 / 65.0 at 1 / 2 / 4 / 8 steps (the teac
 import copy, dataclasses, math, time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -124,11 +124,17 @@ def pd_target(teacher, z, k, ab):
     return (z2 - r * z) / (a(k - 2).sqrt() - r * a(k).sqrt())
 
 
+@lru_cache
+def pd_grid(vp, N, device):  # alpha_bar at t = k / 2N, k = 0..2N: the teacher's grid, made once per stage
+    return alpha_bars(vp, [k / (2 * N) for k in range(2 * N + 1)]).to(device, torch.float32)
+
+
 def pd_loss(student, teacher, x0, N, vp, objective, clip):
     """Truncated-SNR weighted max(SNR, 1) |x~ - x0_student|^2 at t = i / N, i ~ U{1..N} (their sec. 4 and Alg. 2)."""
-    ab = alpha_bars(vp, [k / (2 * N) for k in range(2 * N + 1)]).to(x0.device, torch.float32)
-    grid = lambda net, clamp: (lambda z, k: x0_at(net, objective, vp, z, k / (2 * N),
-                                                  ab[k].view(-1, 1, 1, 1), clamp))
+    ab = pd_grid(vp, N, x0.device)
+
+    def grid(net, clamp):  # the network's x0 at points k of the grid
+        return lambda z, k: x0_at(net, objective, vp, z, k / (2 * N), ab[k].view(-1, 1, 1, 1), clamp)
     k = 2 * torch.randint(1, N + 1, (len(x0),), device=x0.device)
     abt = ab[k].view(-1, 1, 1, 1)
     z = ddpm.q_sample(x0, abt, torch.randn_like(x0))
@@ -276,6 +282,7 @@ def train(cfg):
     net = nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) if world > 1 else student
     amp = torch.autocast('cuda', torch.bfloat16) if cfg.bf16 and cuda else nullcontext()
     grid = [v.to(device) for v in plan] if cfg.method == 'consistency' else None
+    params, frozen_params = list(student.parameters()), list(frozen.parameters())
 
     def save(step, clock):
         common.save_ckpt(out / 'ckpt.pt', dict(script='distill', model=student.state_dict(), frozen=frozen.state_dict(),
@@ -296,11 +303,11 @@ def train(cfg):
                     loss = cd_loss(net, frozen, teacher, x0, grid, vp, mcfg.objective, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             if cfg.method == 'consistency':  # the target moves only by this EMA
                 with torch.no_grad():
-                    torch._foreach_lerp_(list(frozen.parameters()), list(student.parameters()), 1 - cfg.mu)
+                    torch._foreach_lerp_(frozen_params, params, 1 - cfg.mu)
             elif i == cfg.steps - 1:  # a stage ends: the student is saved and becomes the next stage's teacher
                 if rank == 0:
                     save_stage(out, stage + 1, student, plan[stage], cfg, mcfg)

@@ -26,3 +26,15 @@ def sigterm_run(script, args, out, at='step 3 ', delay=0.0, wait=60):
     finally:
         p.kill()
     return torch.load(Path(out) / 'ckpt.pt', weights_only=True)['step']
+
+
+def ctrl_c_on_call(fn, n):
+    """fn, sending this process a SIGINT (Ctrl-C) when it is called for the n-th time: a step interrupted midway."""
+    calls = []
+
+    def wrapped(*args):
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+        return fn(*args)
+    return wrapped

@@ -1,8 +1,6 @@
 """distill.py: progressive and consistency distillation against closed forms. With Gaussian data N(m, s^2) the exact
 denoiser is known, so the progressive target must make one student step land where two teacher DDIM steps land; the
 consistency parameterisation must meet its boundary and start as the teacher's denoiser; then train/sample/resume."""
-import signal
-
 import numpy as np
 import pytest
 import torch
@@ -10,6 +8,7 @@ import torch
 import ddpm
 import distill
 import sde
+from helpers import ctrl_c_on_call
 
 M, S = 0.1, 0.3  # the Gaussian data: mean and standard deviation of every pixel
 VP = sde.VPSDE('cosine', 1000)
@@ -171,15 +170,8 @@ def test_consistency_trains_its_target_by_ema_and_samples(teacher, tmp_path):
 def test_resume_is_bit_identical(teacher, tmp_path, monkeypatch):
     args = ['--teacher', teacher, '--start-steps', 4, '--steps', 2]
     run(*args, '--out', tmp_path / 'a')
-    loss, calls = distill.pd_loss, []
-
-    def ctrl_c_in_step_3(*a):
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return loss(*a)
     with monkeypatch.context() as m:
-        m.setattr(distill, 'pd_loss', ctrl_c_in_step_3)
+        m.setattr(distill, 'pd_loss', ctrl_c_on_call(distill.pd_loss, 3))  # in step 3
         with pytest.raises(SystemExit, match='130'):
             run(*args, '--out', tmp_path / 'b')
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3

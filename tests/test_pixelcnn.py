@@ -1,12 +1,12 @@
 """pixelcnn.py: the receptive field is exactly the raster-order past (no blind spot), p(x) sums to 1 over every image,
 the sampler draws from p(x), NLL constants, train/resume/sample/eval, errors."""
-import itertools, math, signal
+import itertools, math
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import sigterm_run
+from helpers import ctrl_c_on_call, sigterm_run
 import pixelcnn, vae
 
 TINY = ['--dataset', 'mnist', '--device', 'cpu', '--ch', '8', '--layers', '2', '--kernel', '3', '--batch-size', '8',
@@ -102,15 +102,8 @@ def test_binarised_test_set_is_vae_pys():
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
     args = ['--data', '8bit', '--steps', '4']
     _, loss_a = run(tmp_path / 'a', *args)
-    nll, calls = pixelcnn.nll, []
-
-    def ctrl_c_in_step_3(*a):
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return nll(*a)
     with monkeypatch.context() as m:
-        m.setattr(pixelcnn, 'nll', ctrl_c_in_step_3)
+        m.setattr(pixelcnn, 'nll', ctrl_c_on_call(pixelcnn.nll, 3))  # in step 3
         with pytest.raises(SystemExit, match='130'):
             run(tmp_path / 'b', *args)
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3
