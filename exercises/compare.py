@@ -12,7 +12,7 @@ Each script trains with its own preset for --device (on a CPU its -cpu preset) a
 ends it: SIGTERM after --minutes of wall-clock from the process start (start-up counted), which every script's loop
 answers by saving its checkpoint (flows' cosine decay to 0 at --steps is then flat). The diffusion models sample with
 DDIM eta 1 in 50 steps, the sampler the README's tables found best for them.
-    python exercises/compare.py --device cpu     # README "Exercises": about 3.5 hours on 2 cores -> runs/compare/
+    python exercises/compare.py --device cpu     # README "Exercises": about 3 hours on 2 cores -> runs/compare/
 Each (family, seed) is saved as soon as it is measured (rows/*.json); a rerun skips what is done and continues a
 training that was interrupted with the budget it had left.
 """
@@ -67,7 +67,8 @@ def train(cfg, fam, seed, run, row, save):
     """The script in a child process, stopped by SIGTERM when the budget is spent; a stopped compare.py stops it too
     and keeps the seconds used, so that a rerun continues it (--resume 1) for the rest."""
     used = row.get('used', 0.0) if (run / 'ckpt.pt').exists() else 0.0  # (a failed start saved nothing)
-    args = [sys.executable, str(ROOT / TRAIN[fam].split()[0]), *TRAIN[fam].split()[1:], *shlex.split(getattr(cfg, fam)),
+    script, *flags = TRAIN[fam].split()
+    args = [sys.executable, str(ROOT / script), *flags, *shlex.split(getattr(cfg, fam)),
             '--dataset', 'mnist', '--device', cfg.device, '--seed', str(seed), '--out', str(run),
             '--resume', str(int(used > 0))] + ['--vae', str(run / 'ae' / 'ckpt.pt')] * (fam == 'ldm')
     print(f'{fam}, seed {seed}: training for {cfg.minutes * 60 - used:.0f} s -> {run} (log: {run}.log)', flush=True)
@@ -85,9 +86,9 @@ def train(cfg, fam, seed, run, row, save):
             save()
     diverged = rc not in (0, 130) and 'the last good checkpoint' in Path(f'{run}.log').read_text()
     if rc not in (0, 130) and not diverged or not (run / 'ckpt.pt').exists():
-        common.fail(f'{fam} failed (exit {rc}) before its first checkpoint: see {run}.log' + ', and raise --minutes'
-                    * (rc == 130))
-    row.update(trained=True, minutes=cfg.minutes, rc=rc, diverged=diverged, step=common.torch_load(run / 'ckpt.pt')['step'])
+        common.fail(f'{fam} failed (exit {rc}): see {run}.log' + ' (no checkpoint yet: raise --minutes)' * (rc == 130))
+    step = common.torch_load(run / 'ckpt.pt')['step']
+    row.update(trained=True, minutes=cfg.minutes, rc=rc, diverged=diverged, step=step)
 
 
 def restore(module, run):  # (checkpoint, its script's Config) of a run
@@ -153,19 +154,20 @@ def measure(cfg, fam, run, row, save, real, ref, inception, device):
 
 
 def table(cfg, rows):
-    head = ['family', 'training (steps in budget)', f'FID-{cfg.fid_samples}', 'precision', 'recall', 'bits/dim',
-            'ms/image', 'NFE/image', 'seeds: FID spread, diverged', 'controllability']
+    head = ['family', 'training', f'FID-{cfg.fid_samples} (mean over seeds)', 'precision', 'recall', 'bits/dim',
+            'ms/image', 'NFE/image', 'stability: FID spread, diverged', 'controllability']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for fam in cfg.families.split(','):
         rs = [r for r in rows.get(fam, []) if 'bpd' in r]
         if not rs:
             continue
         fids, r = [r['fid'] for r in rs], rs[0]
-        spread = f'± {np.std(fids):.1f} over {len(rs)}' if len(rs) > 1 else '1 seed (--seeds 3 for a spread)'
+        spread = f'± {np.std(fids, ddof=1):.1f} (sample std) over {len(rs)}' if len(rs) > 1 else '1 seed'
         bpd = '—' if r['bpd'] is None else f'{r["bpd"]:.3f}'
-        lines.append(f'| {fam} | {TRAIN[fam].split()[0]}, {r["step"]} steps in {r["minutes"]:g} min | {np.mean(fids):.1f} | '
-                     f'{r["precision"]:.3f} | {r["recall"]:.3f} | {bpd} ({r["bpd_how"]}) | {r["ms"]:.3g} | '
-                     f'{r["nfe"]} | {spread}; diverged {sum(r["diverged"] for r in rs)} of {len(rs)} | {CONTROL[fam]} |')
+        lines.append(f'| {fam} | {TRAIN[fam].split()[0]}, {r["step"]} steps in {r["minutes"]:g} min | '
+                     f'{np.mean(fids):.1f} | {r["precision"]:.3f} | {r["recall"]:.3f} | {bpd} ({r["bpd_how"]}) | '
+                     f'{r["ms"]:.3g} | {r["nfe"]} | {spread}; diverged {sum(r["diverged"] for r in rs)} of {len(rs)} | '
+                     f'{CONTROL[fam]} |')
     return '\n'.join(lines)
 
 

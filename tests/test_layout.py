@@ -10,7 +10,7 @@ BUDGETS = {'ddpm.py': 480, 'ddim.py': 320, 'vae.py': 380, 'gan.py': 320, 'flows.
            'eval_fid.py': 496, 'common.py': 530}  # issue 21 asked 420 and 480 for these two: README "Layout" says why
 TOTAL = 5276  # these scripts, kernels/, exercises/ and bench.py: 5,179 before the redesign (issue 21 asked 5,000)
 LATER = {'sde.py': 380, 'pixelcnn.py': 300, 'distill.py': 400,  # later issues' files, own budgets (not in TOTAL)
-         'exercises/timestep_embedding.py': 90, 'exercises/denoise.py': 120}
+         'exercises/timestep_embedding.py': 90, 'exercises/denoise.py': 120, 'exercises/compare.py': 220}
 
 
 def lines(path):  # what wc -l counts
