@@ -190,10 +190,10 @@ class VAE(nn.Module):
         return torch.sigmoid(out) * 2 - 1 if self.likelihood == 'bernoulli' else out[:, :self.shape[0]].clamp(-1, 1)
 
 
-def load_autoencoder(path, finished=True):
-    """The model of a finished (or any) vae.py run (eval mode, CPU) and its Config: model.encode(x), model.decode(z)."""
+def load_autoencoder(path):
+    """The model of a finished vae.py run (eval mode, CPU) and its Config: model.encode(x) -> z, model.decode(z)."""
     ckpt = common.load_ckpt(path, 'vae')
-    if finished and ckpt['step'] < ckpt.get('steps', 0):
+    if ckpt['step'] < ckpt.get('steps', 0):
         common.fail(f'{path} is a run stopped at step {ckpt["step"]} of {ckpt["steps"]}: finish it first (vae.py '
                     f'--out {Path(path).parent} --resume 1 with its flags), or give a finished one')
     cfg = Config(**{k: v for k, v in ckpt['config'].items() if k in Config.__dataclass_fields__})

@@ -91,9 +91,12 @@ def train(cfg, fam, seed, run, row, save):
     row.update(trained=True, minutes=cfg.minutes, rc=rc, diverged=diverged, step=step)
 
 
-def restore(module, run):  # (checkpoint, its script's Config) of a run
+def restore(module, run, build, device):  # (the model of a run, in eval mode, and its script's Config)
     ckpt = common.load_ckpt(run / 'ckpt.pt', module.__name__)
-    return ckpt, module.Config(**{k: v for k, v in ckpt['config'].items() if k in module.Config.__dataclass_fields__})
+    c = module.Config(**{k: v for k, v in ckpt['config'].items() if k in module.Config.__dataclass_fields__})
+    net = build(c).to(device)
+    net.load_state_dict(ckpt['model'])
+    return net.eval(), c
 
 
 def model(cfg, fam, run, device):
@@ -104,22 +107,17 @@ def model(cfg, fam, run, device):
         G, c = gan.load_generator(run, device)
         return partial(gan.draw, G, c.z_dim), 1, lambda: (None, 'none: an implicit model')
     if fam == 'vae':
-        net, c = vae.load_autoencoder(run / 'ckpt.pt', finished=False)
-        net = net.to(device)
+        net, c = restore(vae, run, lambda c: vae.VAE(c, *common.image_shape(c)[:2]), device)  # (stopped runs too)
         c = dataclasses.replace(c, out=str(run), eval_n=len(x_test), seed=0)
         draw = lambda start, n, g: common.to_uint8(net.decode(torch.randn(n, *net.zshape, generator=g, device=device)))
         return draw, 1, lambda: (vae.evaluate(net, vae.test_set(c, device), c)['iwae'],
                                  f'IWAE bound, k = {c.eval_k}, discretised logistic decoder; {n}')
     if fam == 'flows':
-        ckpt, c = restore(flows, run)
-        flow = flows.make_flow(c, common.image_shape(c)).to(device)
-        flow.load_state_dict(ckpt['model'])
+        flow, c = restore(flows, run, lambda c: flows.make_flow(c, common.image_shape(c)), device)
         return (partial(flows.sample, flow, common.image_shape(c), c.alpha, 1.0), 1,
                 lambda: (flows.bits_per_dim(flow, x_test, c.alpha, 500), f'exact, dequantised; {n}'))
     if fam == 'pixelcnn':
-        ckpt, c = restore(pixelcnn, run)
-        net = pixelcnn.make_model(c).to(device).eval()
-        net.load_state_dict(ckpt['model'])
+        net, c = restore(pixelcnn, run, pixelcnn.make_model, device)
         return (partial(pixelcnn.sample, net, common.image_shape(c), c.data, -1, 0), 784,
                 lambda: (pixelcnn.test_nll(net, x_test, None, c.data, 500), f'exact, discrete; {n}'))
     if fam == 'ddpm':
@@ -137,6 +135,8 @@ def model(cfg, fam, run, device):
 
 
 def measure(cfg, fam, run, row, save, real, ref, inception, device):
+    if 'fid' in row and 'bpd' in row:
+        return  # measured: not even the model is loaded again
     draw, nfe, likelihood = model(cfg, fam, run, device)
     if 'fid' not in row:
         t0 = time.perf_counter()
