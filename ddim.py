@@ -279,7 +279,8 @@ def main(argv=None):
         if rank == 0:
             common.claim(out)
         if cfg.mode == 'sample':
-            tag = f'{cfg.sampler}-S{mcfg.T if cfg.sampler == "ddpm" else cfg.steps}-eta{cfg.eta:g}'
+            ancestral = cfg.sampler == 'ddpm'  # all T steps with the posterior variance: eta 1, whatever --eta says
+            tag = f'{cfg.sampler}-S{mcfg.T if ancestral else cfg.steps}-eta{1 if ancestral else cfg.eta:g}'
             x = common.sample_many(partial(draw, model, mcfg, cfg, shape), cfg.n_samples, cfg.sample_batch, cfg.seed,
                                    device, rank, world)
             return common.write_samples(x, out, f'samples_{tag}', cfg.save) if rank == 0 else None

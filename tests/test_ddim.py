@@ -167,6 +167,8 @@ def test_every_mode_writes_its_outputs(run_dir, fake_fid):
     assert len(list((run_dir / 'samples_ddim-S4-eta0').glob('*.png'))) == 3
     run(run_dir, '--sampler', 'dpm++2m', '--save', 'npz')
     assert np.load(run_dir / 'samples_dpm++2m-S4-eta0.npz')['arr_0'].shape == (2, 28, 28, 1)
+    run(run_dir, '--sampler', 'ddpm', '--save', 'npz')  # ancestral: all T steps, named by what ran (eta 1)
+    assert np.load(run_dir / 'samples_ddpm-S20-eta1.npz')['arr_0'].shape == (2, 28, 28, 1)
     cell = 30  # 28 pixels + 2 of padding
     ddim_steps.main(['--out', str(run_dir), '--device', 'cpu', '--n-samples', '2', '--grid-steps', '20,3'])
     assert size(run_dir / 'sweep.png') == (6 * cell + 2, 2 * cell + 2)  # 2 S x (3 samplers x 2 images)
