@@ -9,7 +9,7 @@ then sample by running the learned reverse chain (Algorithm 2) from pure noise.
 The Config defaults are the paper's CIFAR-10 model and recipe; named presets (end of --help) shrink it for 28x28 data
 and a CPU. Measured (README "Results"): the CPU quick start gives recognisable digits in 8 minutes on 2 CPU cores.
 """
-import copy, dataclasses, math
+import copy, dataclasses, math, os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 import kernels
@@ -323,7 +324,7 @@ def sample(model, x, ab, objective='eps', var='small', clip=True, y=None, w=1.0,
     beta_t (large); snapshots (a list) receives x_t at 100/75/50/25/0% of the way from T."""
     step = kernels.ddpm_step if kernels.available(x) and clip in (0, 1) else ddpm_step
     T, keep = len(ab), {round(f * (len(ab) - 1)) for f in (1, 0.75, 0.5, 0.25)}
-    for i in reversed(range(T)):
+    for i in tqdm(reversed(range(T)), 'steps', T, leave=False, disable=T < 100 or os.environ.get('RANK', '0') != '0'):
         if snapshots is not None and i in keep:
             snapshots.append(x.clone())
         out = guided(model, x, torch.full((len(x),), i, device=x.device), y, w)
