@@ -157,6 +157,10 @@ def sample(model, x, mcfg, cfg, y=None, generator=None):
     return x.clamp(-1, 1)
 
 
+def tag(cfg, T):  # what ran: the sampler, its steps and eta (ancestral: all T steps with eta 1, whatever --eta)
+    return f'ddpm-S{T}-eta1' if cfg.sampler == 'ddpm' else f'{cfg.sampler}-S{cfg.steps}-eta{cfg.eta:g}'
+
+
 def draw(model, mcfg, cfg, shape, start, n, generator):
     """Samples start .. start + n - 1 (common.sample_many's batches), uint8: x_T drawn first from generator, so every
     sampler starts from the same x_T."""
@@ -242,8 +246,7 @@ def inpaint(cfg, model, mcfg, x0, y, ab, ts, gen, out):
     xT = torch.randn(x0.shape, device=x0.device, generator=gen())
     x = ddim_sample(model, xT, ts, ab, eta, mcfg.objective, mcfg.clip, y, mcfg.guidance, gen(), known=(x0, keep))
     common.save_grid(common.to_uint8(torch.cat([x0, torch.where(keep, x0, 0.0), x])), out / 'inpaint.png', nrow=len(x0))
-    tag = f'{cfg.sampler}-S{mcfg.T if cfg.sampler == "ddpm" else cfg.steps}-eta{eta:g}'
-    print(f'{out}/inpaint.png: rows original, masked ({cfg.mask}), inpainted ({tag})')
+    print(f'{out}/inpaint.png: rows original, masked ({cfg.mask}), inpainted ({tag(cfg, mcfg.T)})')
 
 
 def load(cfg, device):
@@ -279,11 +282,9 @@ def main(argv=None):
         if rank == 0:
             common.claim(out)
         if cfg.mode == 'sample':
-            ancestral = cfg.sampler == 'ddpm'  # all T steps with the posterior variance: eta 1, whatever --eta says
-            tag = f'{cfg.sampler}-S{mcfg.T if ancestral else cfg.steps}-eta{1 if ancestral else cfg.eta:g}'
             x = common.sample_many(partial(draw, model, mcfg, cfg, shape), cfg.n_samples, cfg.sample_batch, cfg.seed,
                                    device, rank, world)
-            return common.write_samples(x, out, f'samples_{tag}', cfg.save) if rank == 0 else None
+            return common.write_samples(x, out, f'samples_{tag(cfg, mcfg.T)}', cfg.save) if rank == 0 else None
         if rank == 0:  # the figures are small: rank 0 draws them
             n = min(cfg.n_samples, 8)
             x0 = real_images(cfg, mcfg, shape, n).to(device)
