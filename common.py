@@ -1,8 +1,8 @@
 """Infrastructure shared by the scripts: config and presets, device and DDP, the training-loop driver, datasets,
 checkpoints and samples. No paper maths lives here: every function is plumbing each script would otherwise repeat.
 """
-import argparse, dataclasses, gzip, hashlib, inspect, json, math, os, pickle, re, signal, sys, tarfile, tempfile, time
-import urllib.request
+import argparse, dataclasses, gzip, hashlib, inspect, json, math, os, pickle, re, shutil, signal, sys, tarfile, tempfile
+import time, urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -277,7 +277,6 @@ def verify(path, checksum, data=None):
 
 def download(url, dest, checksum):
     """url into dest, verified before it is written (atomically): a failed download leaves nothing behind."""
-    Path(dest).parent.mkdir(parents=True, exist_ok=True)
     with urllib.request.urlopen(url, timeout=60) as r:
         data = r.read()
     verify(dest, checksum, data)
@@ -493,21 +492,37 @@ def write_samples(x, out, tag, save='png,npz'):
         for i, im in enumerate(tqdm(x.cpu(), desc='writing PNGs', disable=len(x) < 1000)):
             grid_image(im[None], 1, pad=0).save(folder / f'{i:06d}.png')
     save_grid(x[:64], out / f'{tag}.png')
+    for kept in out.glob(f'.{tag}.*'):  # sample_many's batches (see keep_dir): the .npz now holds them
+        shutil.rmtree(kept)
     print(f'{len(x)} samples -> ' + ', '.join([str(npz)] * ('npz' in save) + [f'{folder}/'] * ('png' in save)) +
           f'; grid {out}/{tag}.png', flush=True)
 
 
-def sample_many(draw, n, batch, seed, device, rank=0, world=1, desc='sampling'):
+def sample_many(draw, n, batch, seed, device, rank=0, world=1, desc='sampling', keep=None):
     """n samples, uint8 (N, C, H, W), on rank 0 (None elsewhere): draw(start, size, generator) makes images start ..
-    start + size - 1, its generator seeded by (seed, start), so they are the same however many ranks share the work."""
+    start + size - 1, its generator seeded by (seed, start), so they are the same however many ranks share the work.
+    keep (a keep_dir folder): each batch drawn is saved there, so the same command run again after a kill resumes."""
+    def one(s, size):
+        if keep and (f := Path(keep) / f'{s}-{size}.pt').exists():
+            return torch_load(f, 'batch of samples')
+        x = draw(s, size, torch.Generator(device).manual_seed(seed * 1_000_003 + s)).cpu()
+        if keep:
+            atomic_write(f, lambda h: torch.save(x, h))
+        return x
     starts = range(0, n, batch)
-    mine = [draw(s, min(batch, n - s), torch.Generator(device).manual_seed(seed * 1_000_003 + s))
+    mine = [one(s, min(batch, n - s))
             for s in tqdm(starts[rank::world], desc=desc, disable=rank != 0 or len(starts) < 2, leave=False)]
     if world > 1:  # collect every rank's batches on rank 0, back in order
         parts = [None] * world
-        dist.all_gather_object(parts, [b.cpu() for b in mine])
+        dist.all_gather_object(parts, mine)
         mine = [parts[k % world][k // world] for k in range(len(starts))]
-    return torch.cat([b.cpu() for b in mine]) if rank == 0 else None
+    return torch.cat(mine) if rank == 0 else None
+
+
+def keep_dir(out, tag, cfg, ckpt):
+    """sample_many's folder for out/tag.npz (write_samples removes it), named by a hash of the sampling Config and of
+    the checkpoint's write time, so that no changed flag or newer model ever reuses a batch."""
+    return Path(out) / f'.{tag}.{hashlib.sha1(repr((cfg, os.stat(ckpt).st_mtime_ns)).encode()).hexdigest()[:12]}'
 
 
 def to_uint8(x):

@@ -282,9 +282,10 @@ def main(argv=None):
         if rank == 0:
             common.claim(out)
         if cfg.mode == 'sample':
+            name, ckpt = f'samples_{tag(cfg, mcfg.T)}', cfg.ckpt or out / 'ckpt.pt'
             x = common.sample_many(partial(draw, model, mcfg, cfg, shape), cfg.n_samples, cfg.sample_batch, cfg.seed,
-                                   device, rank, world)
-            return common.write_samples(x, out, f'samples_{tag(cfg, mcfg.T)}', cfg.save) if rank == 0 else None
+                                   device, rank, world, keep=common.keep_dir(out, name, cfg, ckpt))
+            return common.write_samples(x, out, name, cfg.save) if rank == 0 else None
         if rank == 0:  # the figures are small: rank 0 draws them
             n = min(cfg.n_samples, 8)
             x0 = real_images(cfg, mcfg, shape, n).to(device)

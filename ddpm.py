@@ -458,7 +458,7 @@ def sample_from_checkpoint(cfg):
     mcfg = dataclasses.replace(cfg, **{k: getattr(trained, k) for k in MODEL_KEYS})  # the model's own settings
     shape = common.image_shape(mcfg)
     x = common.sample_many(partial(draw, model, mcfg, shape), cfg.n_samples, cfg.sample_batch, cfg.seed, device, rank,
-                           world)
+                           world, keep=common.keep_dir(out, 'samples', cfg, out / 'ckpt.pt'))
     if rank == 0:
         common.write_samples(x, out, 'samples', cfg.save)
         snaps = []  # the reverse process of 8 samples at 0/25/50/75/100% of the steps

@@ -16,7 +16,6 @@ One channel (grayscale) only: colour needs masks between the R, G and B of a pix
 """
 import dataclasses, json, math, time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -164,8 +163,8 @@ def sample(model, shape, data, label, n_classes, start, n, generator):
 
 
 def load(cfg, split):
-    """(x, y) of a split as the model sees it: binary data are drawn when used; the test split once, with seed 0, the
-    same images as vae.py's test set (tested). An .npz of your own images holds out its last 10% as test."""
+    """(x, y or None without --class-cond) of a split as the model sees it: binary data are drawn when used; the test
+    split once, with seed 0, the same images as vae.py's (tested). An .npz of your own images holds out its last 10%."""
     x, y = common.load_dataset(cfg.dataset, split if cfg.dataset in common.DATASETS else 'train', cfg.data_dir or None)
     if cfg.dataset not in common.DATASETS:
         cut = len(x) - max(1, len(x) // 10)
@@ -174,7 +173,7 @@ def load(cfg, split):
         x, y = x[:cfg.eval_images or len(x)], None if y is None else y[:cfg.eval_images or len(x)]
         if cfg.data == 'binary':
             x = binarise(x, torch.Generator().manual_seed(0))
-    return x, y
+    return x, y if cfg.class_cond else None
 
 
 @torch.no_grad()
@@ -216,7 +215,6 @@ def train(cfg):
     check(cfg, world)
     out, cuda = Path(cfg.out), 'cuda' in device
     (x, y), (x_test, y_test) = [[t if t is None else t.to(device) for t in load(cfg, s)] for s in ('train', 'test')]
-    y, y_test = (y, y_test) if cfg.class_cond else (None, None)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -249,8 +247,8 @@ def train(cfg):
                 test = test_nll(model, x_test, y_test, cfg.data, cfg.sample_batch, rank, world)
                 loop.write(f'test NLL {test:.4f} {UNIT[cfg.data]} ({len(x_test)} test images)')
                 if rank == 0:
-                    grid = common.sample_many(partial(sample, model, tuple(x.shape[1:]), cfg.data, -1,
-                                                      10 * cfg.class_cond), 64, 64, cfg.seed, device)
+                    draw = lambda *a: sample(model, tuple(x.shape[1:]), cfg.data, -1, 10 * cfg.class_cond, *a)
+                    grid = common.sample_many(draw, 64, 64, cfg.seed, device)
                     common.save_grid(grid, out / f'samples{"" if loop.final else f"_{loop.done:07d}"}.png')
     return model, loop.last.get('loss')
 
@@ -263,27 +261,31 @@ def from_checkpoint(cfg):
     device, rank, world = common.setup(cfg.device)
     ckpt = common.load_ckpt(Path(cfg.out) / 'ckpt.pt', 'pixelcnn')
     mcfg = dataclasses.replace(cfg, **{k: ckpt['config'][k] for k in MODEL_KEYS})  # the checkpoint's model settings
-    model = make_model(mcfg).to(device)
+    model = make_model(mcfg).to(device).eval()
     model.load_state_dict(ckpt['model'])
-    model.eval()
     if cfg.label >= 10 or (cfg.label >= 0 and not mcfg.class_cond):
         common.fail(f'--label {cfg.label}: ' + ('labels are 0 .. 9' if mcfg.class_cond else
                                                 'this model has no class condition (trained with --class-cond 0)'))
     if cfg.mode == 'eval':
         x, y = [t if t is None else t.to(device) for t in load(mcfg, 'test')]
-        test = test_nll(model, x, y if mcfg.class_cond else None, mcfg.data, cfg.sample_batch, rank, world)
+        test = test_nll(model, x, y, mcfg.data, cfg.sample_batch, rank, world)
         if rank == 0:
             result = dict(nll=test, unit=UNIT[mcfg.data], n_images=len(x), step=ckpt['step'], data=mcfg.data)
             common.atomic_write(Path(cfg.out) / 'nll.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
             print(f'test NLL {test:.4f} {UNIT[mcfg.data]} ({len(x)} {mcfg.dataset} test images, exact)')
     elif rank == 0:  # under torchrun the other ranks have nothing to do
         common.claim(cfg.out)
-        shape, t0 = common.image_shape(mcfg), time.perf_counter()
-        x = common.sample_many(partial(sample, model, shape, mcfg.data, cfg.label, 10 * mcfg.class_cond),
-                               cfg.n_samples, cfg.sample_batch, cfg.seed, device)
-        print(f'{shape[1] * shape[2]} network evaluations per image, '
-              f'{1000 * (time.perf_counter() - t0) / len(x):.1f} ms/image on {device} (batch {cfg.sample_batch})')
-        common.write_samples(x, cfg.out, 'samples' + (f'_label{cfg.label}' if cfg.label >= 0 else ''), cfg.save)
+        shape, tag, drawn = common.image_shape(mcfg), 'samples' + (f'_label{cfg.label}' if cfg.label >= 0 else ''), []
+
+        def draw(start, n, generator):  # counts the images drawn now, not the batches that an interrupted run kept
+            drawn.append(n)
+            return sample(model, shape, mcfg.data, cfg.label, 10 * mcfg.class_cond, start, n, generator)
+        t0 = time.perf_counter()
+        x = common.sample_many(draw, cfg.n_samples, cfg.sample_batch, cfg.seed, device,
+                               keep=common.keep_dir(cfg.out, tag, cfg, Path(cfg.out) / 'ckpt.pt'))
+        ms = 1000 * (time.perf_counter() - t0) / max(sum(drawn), 1)
+        print(f'{shape[1] * shape[2]} evaluations per image, {ms:.1f} ms/image on {device} (batch {cfg.sample_batch})')
+        common.write_samples(x, cfg.out, tag, cfg.save)
 
 
 def main(argv=None):

@@ -287,17 +287,19 @@ def sample_mode(cfg, device):
     def draw(start, n, generator):
         x, k = sample(model, torch.randn(n, *shape, device=device, generator=generator), sde, mcfg.objective, cfg,
                       generator)
-        nfe.append(k)
+        nfe.append((k, n))
         return common.to_uint8(x)
     common.claim(out)
-    t0 = time.perf_counter()
-    x = common.sample_many(draw, cfg.n_samples, cfg.sample_batch, cfg.seed, device)
-    seconds = time.perf_counter() - t0
-    tag = f'{cfg.sampler}-' + (f'tol{cfg.rtol:g}' if cfg.sampler == 'rk45' else f'N{cfg.steps}') + \
+    tag = f'samples_{cfg.sampler}-' + (f'tol{cfg.rtol:g}' if cfg.sampler == 'rk45' else f'N{cfg.steps}') + \
         '-quadratic' * (cfg.sampler == 'heun' and cfg.spacing == 'quadratic')
-    common.write_samples(x, out, f'samples_{tag}', cfg.save)
-    print(f'{cfg.sampler}: {sum(nfe) / len(nfe):.0f} network evaluations per image (mean over {len(nfe)} batches), '
-          f'{1000 * seconds / len(x):.1f} ms/image on {device}')
+    t0 = time.perf_counter()
+    x = common.sample_many(draw, cfg.n_samples, cfg.sample_batch, cfg.seed, device,
+                           keep=common.keep_dir(out, tag, cfg, cfg.ckpt or out / 'ckpt.pt'))
+    seconds, drawn = time.perf_counter() - t0, sum(n for _, n in nfe)  # not the batches an earlier run kept
+    common.write_samples(x, out, tag, cfg.save)
+    if nfe:
+        print(f'{cfg.sampler}: {sum(k for k, _ in nfe) / len(nfe):.0f} network evaluations per image (mean over '
+              f'{len(nfe)} batches), {1000 * seconds / drawn:.1f} ms/image on {device}')
 
 
 def nll_mode(cfg, device):

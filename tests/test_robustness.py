@@ -102,6 +102,45 @@ def test_sampling_again_leaves_no_stale_pngs(tmp_path):
     assert len(list((tmp_path / 'samples').glob('*.png'))) == 2
 
 
+def test_a_killed_sampling_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    # a 1,000-step sampler of 2,000 images runs for hours on a CPU: a kill must not lose the batches already drawn
+    run(tmp_path, '--steps', '1')
+    (tmp_path / 'b').mkdir()
+    (tmp_path / 'b' / 'ckpt.pt').write_bytes((tmp_path / 'ckpt.pt').read_bytes())
+    real, drawn = ddpm.draw, []
+
+    def counting(model, cfg, shape, start, n, generator, snapshots=None):
+        if snapshots is None:  # not the reverse-process figure
+            drawn.append(start)
+            if start == 2 and len(drawn) == 2:
+                raise KeyboardInterrupt  # Ctrl-C while the second batch is drawn
+        return real(model, cfg, shape, start, n, generator, snapshots)
+    monkeypatch.setattr(ddpm, 'draw', counting)
+    sample = ['--mode', 'sample', '--n-samples', '5', '--sample-batch', '2', '--save', 'npz']
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *sample)
+    assert e.value.code == 130 and len(list(tmp_path.glob('.samples.*/*.pt'))) == 1
+    run(tmp_path, *sample)
+    assert drawn == [0, 2, 2, 4]  # the second run draws only what the first did not finish
+    assert not list(tmp_path.glob('.samples.*'))  # the .npz holds them now
+    run(tmp_path / 'b', *sample)  # the same checkpoint, never interrupted
+    np.testing.assert_array_equal(np.load(tmp_path / 'samples.npz')['arr_0'],
+                                  np.load(tmp_path / 'b' / 'samples.npz')['arr_0'])
+
+
+def test_kept_batches_serve_only_the_same_command_on_the_same_checkpoint(tmp_path):
+    (ckpt := tmp_path / 'ckpt.pt').write_bytes(b'weights')
+    keep = common.keep_dir(tmp_path, 'samples_ddim-S10-eta0', ddim.Config(steps=10), ckpt)
+    assert keep == common.keep_dir(tmp_path, 'samples_ddim-S10-eta0', ddim.Config(steps=10), ckpt)
+    assert keep != common.keep_dir(tmp_path, 'samples_ddim-S10-eta0', ddim.Config(steps=10, guidance=2.0), ckpt)
+    os.utime(ckpt, ns=(10 ** 9, 10 ** 9))  # trained on, or replaced: another model
+    assert keep != common.keep_dir(tmp_path, 'samples_ddim-S10-eta0', ddim.Config(steps=10), ckpt)
+    for folder in (keep, tmp_path / '.samples_ddim-S20-eta0.abc'):
+        folder.mkdir()
+    common.write_samples(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), tmp_path, 'samples_ddim-S10-eta0', 'npz')
+    assert not keep.exists() and (tmp_path / '.samples_ddim-S20-eta0.abc').exists()  # another tag's batches stay
+
+
 def test_ddim_inversion_is_decoded_unclipped(tmp_path, monkeypatch):
     run(tmp_path, '--steps', '1')
     clips = []
