@@ -238,7 +238,7 @@ def load_teacher(path, start_steps):
     path = Path(path) / 'ckpt.pt' if Path(path).is_dir() else Path(path)
     if path.is_file() and isinstance(ck := common.torch_load(path), dict) and ck.get('steps') and ck.get('teacher'):
         if ck['steps'] != start_steps:
-            common.fail(f'{path} is a {ck["steps"]}-step student: pass --start-steps {ck["steps"]} to distil it further')
+            common.fail(f'{path} is a {ck["steps"]}-step student: distil it on with --start-steps {ck["steps"]}')
         model, mcfg = stage_model(common.load_ckpt(path, 'distill'))
     else:
         model, mcfg = ddpm.load_model(path)  # refuses a missing file and other scripts' checkpoints
@@ -271,7 +271,8 @@ def train(cfg):
     frozen = teacher if cfg.method == 'progressive' else copy.deepcopy(teacher)  # PD's teacher, CD's target network
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     if ckpt := common.resume(out, 'distill', cfg, MODEL_KEYS, RECIPE_KEYS):
-        student.load_state_dict(ckpt['model']), frozen.load_state_dict(ckpt['frozen']), common.load_opt(opt, ckpt['opt'])
+        student.load_state_dict(ckpt['model']), frozen.load_state_dict(ckpt['frozen'])
+        common.load_opt(opt, ckpt['opt'])
     elif rank == 0 and cfg.method == 'progressive':  # stage 0 is the teacher itself, sampled like the students
         save_stage(out, 0, teacher, cfg.start_steps, cfg, mcfg)
     stages = len(plan) if cfg.method == 'progressive' else 1

@@ -197,5 +197,5 @@ def test_bad_input_is_one_clear_error(teacher, tmp_path):
     run('--teacher', teacher, '--start-steps', 2, '--steps', 1, '--out', tmp_path / 'pd')
     with pytest.raises(SystemExit, match='distilled for 1 deterministic steps'):
         run('--mode', 'sample', '--out', tmp_path / 'pd', '--sample-steps', 2)
-    with pytest.raises(SystemExit, match='is a 1-step student: pass --start-steps 1'):
+    with pytest.raises(SystemExit, match='is a 1-step student: distil it on with --start-steps 1'):
         run('--teacher', tmp_path / 'pd' / 'stage_1.pt', '--out', tmp_path / 'run')
