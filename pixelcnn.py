@@ -283,7 +283,7 @@ def from_checkpoint(cfg):
         t0 = time.perf_counter()
         x = common.sample_many(draw, cfg.n_samples, cfg.sample_batch, cfg.seed, device,
                                keep=common.keep_dir(cfg.out, tag, cfg, Path(cfg.out) / 'ckpt.pt'))
-        ms = 1000 * (time.perf_counter() - t0) / max(sum(drawn), 1)
+        ms = 1000 * (time.perf_counter() - t0) / sum(drawn) if drawn else math.nan  # nan: all kept, nothing timed
         print(f'{shape[1] * shape[2]} evaluations per image, {ms:.1f} ms/image on {device} (batch {cfg.sample_batch})')
         common.write_samples(x, cfg.out, tag, cfg.save)
 
