@@ -34,7 +34,7 @@ class Config:
     out: str = ''  # run folder of a ddpm.py checkpoint (reads ckpt.pt; results are written here)
     ckpt: str = ''  # checkpoint file, if not <out>/ckpt.pt
     device: str = 'auto'  # auto | cuda | cpu | mps
-    seed: int = 0
+    seed: int = 0  # seeds x_T and the noise, per batch: the same samples on any number of GPUs
     sampler: str = 'ddim'  # ddim (eq. 12) | dpm++2m (DPM-Solver++(2M)) | ddpm (ddpm.py's Alg. 2, all T steps)
     steps: int = 50  # S: timesteps used = model evaluations
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 the DDPM posterior variance

@@ -38,7 +38,7 @@ class Config:
     ch_mult: str = '1,2,2,2'  # channel multiplier per resolution level (one downsampling between levels)
     num_res_blocks: int = 2  # residual blocks per level
     attn_res: str = '16'  # resolutions (comma-separated) with self-attention
-    dropout: float = 0.1
+    dropout: float = 0.1  # dropout in the residual blocks (Ho et al.: 0.1 on CIFAR-10)
     class_cond: bool = False  # condition on class labels, with label dropout for classifier-free guidance
     p_uncond: float = 0.1  # label dropout probability when --class-cond 1
     # diffusion
@@ -52,7 +52,7 @@ class Config:
     batch_size: int = 128  # global batch, split evenly across ranks
     lr: float = 2e-4  # AdamW learning rate
     warmup: int = 5000  # linear learning-rate warm-up steps
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     grad_clip: float = 1.0  # max global gradient norm
     ema: float = 0.9999  # EMA decay of the weights used for sampling
     flip: bool = True  # random horizontal flips

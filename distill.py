@@ -41,7 +41,7 @@ class Config:
     out: str = ''  # run folder (default runs/distill-<method>)
     data_dir: str = ''  # folder with the teacher's dataset archives (default $GENMODELS_DATA, else ./data)
     device: str = 'auto'  # auto | cuda | cpu | mps
-    seed: int = 0
+    seed: int = 0  # seeds the batches and the noise of training and of sampling
     # progressive
     start_steps: int = 1024  # the teacher's DDIM grid t = k / start_steps that the first student halves (power of 2)
     final_steps: int = 1  # the last student's steps (a power of 2): log2(start / final) stages

@@ -480,7 +480,7 @@ def main(argv=None):
     p.add_argument('--mode', choices=MODES, default='pytorch-fid', help='preprocessing, see above')
     p.add_argument('--weights', help='Inception .pth in pytorch-fid\'s layout (default: $FID_WEIGHTS, else download)')
     p.add_argument('--device', help='default: cuda if there is a GPU, else cpu')
-    p.add_argument('--batch-size', type=int, default=200)
+    p.add_argument('--batch-size', type=int, default=200, help='images per Inception forward pass (default: 200)')
     p.add_argument('--save-stats', metavar='OUT.npz', help='write mu and sigma of the one input (pytorch-fid\'s keys)')
     p.add_argument('--kid', action='store_true', help='also KID, on 100 subsets of min(1000, N) images as clean-fid')
     p.add_argument('--pr', action='store_true', help='also improved precision and recall (k = 3), first input real')

@@ -52,7 +52,7 @@ class Config:
     sample_every: int = 10000  # steps between test NLLs and sample grids (0: only at the end)
     eval_images: int = 0  # test images per evaluation (0: the whole test split)
     fid_every: int = 0  # steps between FIDs of --fid-samples samples at T = 1 vs the training set (0: off)
-    fid_samples: int = 10000
+    fid_samples: int = 10000  # samples per FID
     # sampling
     temperature: float = 1.0  # --mode sample: z ~ N(0, T^2 I); T < 1 trades diversity for quality (Glow sec. 5)
     n_samples: int = 64  # --mode sample: number of images

@@ -46,7 +46,7 @@ class Config:
     ch_mult: str = '1,2'  # channel multiplier per resolution level
     num_res_blocks: int = 2  # residual blocks per level
     attn_res: str = '4'  # (padded) latent resolutions with self- and, for --cond class, cross-attention
-    dropout: float = 0.1
+    dropout: float = 0.1  # dropout in the residual blocks
     # diffusion
     T: int = 1000  # diffusion steps
     schedule: str = 'cosine'  # cosine (Nichol & Dhariwal) | linear (Ho et al.) | sigmoid

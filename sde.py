@@ -34,14 +34,14 @@ class Config:
     out: str = ''  # ddpm.py run folder (reads ckpt.pt; results are written here)
     ckpt: str = ''  # checkpoint file, if not <out>/ckpt.pt
     device: str = 'auto'  # auto | cuda | cpu | mps
-    seed: int = 0
+    seed: int = 0  # seeds x_T and the noise, per batch: the same samples on any number of GPUs
     sampler: str = 'pc'  # em (Euler-Maruyama) | rd (reverse diffusion) | pc (rd + Langevin) | heun | rk45 (PF-ODE)
     steps: int = 1000  # N: time steps from t = 1 to --eps (heun: 2 network evaluations each)
     spacing: str = 'uniform'  # heun's time grid: uniform in t | quadratic (t - eps ~ (i / N)^2: denser near t = eps)
     snr: float = 0.16  # pc: the Langevin corrector's signal-to-noise ratio r (Song et al. App. G)
     eps: float = 1e-3  # sampling stops at t = eps, then takes the noise-free E[x_0 | x_eps]
     rtol: float = 1e-5  # rk45 tolerances (sampling and the likelihood ODE)
-    atol: float = 1e-5
+    atol: float = 1e-5  # a step is accepted when its error per pixel is within atol + rtol |x| (RMS)
     n_samples: int = 64  # sample: number of images
     sample_batch: int = 250  # images per batch (sampling and likelihoods)
     save: str = 'png,npz'  # sample: png (a folder of PNGs) and/or npz (uint8 (N, H, W, C))

@@ -52,7 +52,7 @@ class Config:
     minutes: float = 10.0  # wall-clock training budget per family and seed
     seeds: int = 1  # training seeds per family (3 for the stability column's spread)
     fid_samples: int = 2000  # samples per model for FID, precision / recall and the speed
-    sample_batch: int = 256
+    sample_batch: int = 256  # images per sampling batch
     nll_images: int = 0  # test images for the likelihoods (0: all 10,000)
     diffusion_nll_images: int = 100  # sde.py's ELBO and PF-ODE (K = 1, rtol 1e-5) cost ~6 s per image on 2 cores
     gan: str = ''  # extra gan.py training flags, e.g. "--ch 32"

@@ -18,7 +18,7 @@ import common, ddim
 class Config:
     out: str = ''  # run folder of a ddpm.py checkpoint (sweep.png and fid_steps.csv are written there)
     device: str = 'auto'  # auto | cuda | cpu | mps
-    seed: int = 0
+    seed: int = 0  # seeds the noise: every sampler starts from the same x_T
     grid_steps: str = '1000,100,50,20,10'  # the S values
     spacing: str = 'uniform'  # uniform | quadratic timesteps
     n_samples: int = 8  # images per sampler in each row of sweep.png

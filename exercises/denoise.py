@@ -26,16 +26,16 @@ class Config:
     dataset: str = 'mnist'  # mnist | fashion-mnist
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data)
     sigma: float = 0.5  # noise standard deviation on the [-1, 1] scale (0.25 on [0, 1])
-    out: str = 'runs/denoise'
+    out: str = 'runs/denoise'  # run folder (ckpt.pt, log.txt, the figure)
     device: str = 'auto'  # auto | cuda | cpu | mps
-    seed: int = 0
+    seed: int = 0  # seeds the weights, the batches and the noise
     ch: int = 32  # U-Net base channels; levels ch x (1, 2, 2, 2), 2 residual blocks each
     steps: int = 5000  # optimizer steps
-    batch_size: int = 64
+    batch_size: int = 64  # images per step
     lr: float = 1e-3  # Adam, constant
     resume: bool = False  # continue from --out/ckpt.pt
-    log_every: int = 100
-    ckpt_every: int = 1000
+    log_every: int = 100  # steps between log lines
+    ckpt_every: int = 1000  # steps between checkpoints
     eval_images: int = 10000  # test images for the PSNRs (the first n)
 
 

@@ -23,7 +23,7 @@ class Config:
     schedule: str = 'linear'  # linear | cosine | sigmoid
     T: int = 1000  # diffusion steps
     out: str = 'runs/forward'  # folder for forward.png and forward.csv
-    seed: int = 0
+    seed: int = 0  # seeds the noise
 
 
 def main(argv=None):

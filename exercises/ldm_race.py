@@ -26,13 +26,13 @@ PIXEL = ('--dataset mnist --steps 100000000 --schedule cosine --objective v --ba
 class Config:
     out: str = 'runs/race'  # a folder per side inside
     device: str = 'auto'  # auto | cuda | cpu | mps
-    seed: int = 0
+    seed: int = 0  # seeds both runs
     ldm: str = ''  # extra ldm.py flags for the latent side, e.g. "--steps 8000"
     pixel: str = ''  # extra ddpm.py flags for the pixel side, added to PIXEL
     sample_steps: int = 50  # network evaluations per sample
     fid_samples: int = 2000  # samples per (model, sampler)
     fid_ref: str = 'mnist:test'  # FID reference: a dataset:split or a stats .npz
-    sample_batch: int = 250
+    sample_batch: int = 250  # images per sampling batch
 
 
 def train_once(script, cfg):

@@ -17,7 +17,7 @@ from exercises import schedules
 class Config:
     out: str = 'runs/ldm-mnist'  # an ldm.py run folder (the figures are written there)
     device: str = 'auto'  # auto | cuda | cpu | mps
-    seed: int = 0
+    seed: int = 0  # seeds every run
     data_dir: str = ''  # folder with the official archives (default $GENMODELS_DATA, else ./data)
 
 

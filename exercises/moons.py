@@ -24,13 +24,13 @@ class Config:
     ch: int = 128  # hidden units of each s/t MLP
     blocks: int = 2  # hidden layers of each s/t MLP
     steps: int = 5000  # optimizer steps
-    batch_size: int = 256
+    batch_size: int = 256  # points per step
     lr: float = 1e-3  # Adam, linear warm-up then cosine decay (as flows.py)
-    warmup: int = 100
-    grad_clip: float = 100.0
+    warmup: int = 100  # linear learning-rate warm-up steps
+    grad_clip: float = 100.0  # max global gradient norm
     resume: bool = False  # continue from --out/ckpt.pt
-    log_every: int = 500
-    ckpt_every: int = 5000
+    log_every: int = 500  # steps between log lines
+    ckpt_every: int = 5000  # steps between checkpoints
 
 
 def two_moons(n, generator, noise=0.05):

@@ -22,7 +22,7 @@ RECIPE = ('--dataset fashion-mnist --time-budget 300 --steps 100000000 --batch-s
 class Config:
     out: str = 'runs/speedrun'  # run folder (one per variant: a variant never reuses another's run)
     device: str = 'auto'  # auto | cuda | cpu | mps
-    seed: int = 0
+    seed: int = 0  # seeds the training run and the samples
     train: str = ''  # ddpm.py flags added to (and overriding) RECIPE, e.g. "--objective v"
     sampler: str = 'ddim'  # ddim | dpm++2m | ddpm
     steps: int = 50  # sampling steps S

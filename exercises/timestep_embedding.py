@@ -26,7 +26,7 @@ class Config:
     ch: int = 128  # embedding width without --ckpt (ddpm.py's --ch; the MLP maps it to 4 ch)
     T: int = 1000  # timesteps 0 .. T - 1
     out: str = 'runs/timestep'  # folder for timestep_embedding.png and .csv
-    seed: int = 0
+    seed: int = 0  # seeds the noise
 
 
 def similarity(e):

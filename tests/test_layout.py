@@ -1,9 +1,11 @@
 """The shape of the repo (issue 21): line budgets per concept script and in all, and that a script runs when copied
 alone with common.py (ddpm.py also with kernels/), as a reader who copies one script would run it."""
-import os, shutil, subprocess, sys
+import argparse, importlib, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = {'ddpm.py': 480, 'ddim.py': 320, 'vae.py': 380, 'gan.py': 320, 'flows.py': 420, 'ldm.py': 360,
@@ -52,3 +54,25 @@ def test_a_script_runs_when_copied_with_common_alone(script, tmp_path):
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert (tmp_path / 'run' / 'ckpt.pt').exists()
+
+
+CONFIGS = ([p.stem for p in sorted(ROOT.glob('*.py'))] +  # every script and exercise with a Config
+           [f'exercises.{p.stem}' for p in sorted(ROOT.glob('exercises/*.py'))])
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_flag_says_what_it_does(name, monkeypatch, capsys):
+    """--help explains every flag: a Config field without its trailing comment shows only '(default: ...)'."""
+    module = importlib.import_module(name)
+    if not hasattr(module, 'Config'):
+        pytest.skip(f'{name} has no Config')
+    helps, add = {}, argparse.ArgumentParser.add_argument
+
+    def record(self, *args, **kwargs):
+        helps[kwargs.get('dest')] = kwargs.get('help', '')
+        return add(self, *args, **kwargs)
+    monkeypatch.setattr(argparse.ArgumentParser, 'add_argument', record)
+    with pytest.raises(SystemExit):
+        common.parse_config(module.Config, argv=['--help'])
+    bare = [k for k, h in helps.items() if k not in (None, 'help') and h.lstrip().startswith('(default')]
+    assert not bare, f'{name}: give these Config fields a trailing # comment, their --help: {bare}'
